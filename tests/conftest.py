@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained in milliseconds, and recipe builders."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunegraph.config import Recipe, recipe_from_mapping
+from tunegraph.ops.base_model import build_tokenizer
+
+WORDS = ("the a cat dog sat on mat what is capital of france paris hello hi there how are you "
+         "fine thanks answer question add two numbers four be brief sure below instruction "
+         "describes task response input").split()
+
+
+def tokenizer_texts(count: int = 300, seed: int = 0) -> list[str]:
+    """A few hundred short deterministic strings: enough for a 400-token BPE vocabulary."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]
+
+
+@pytest.fixture
+def tokenizer():
+    """A fresh tiny tokenizer (ChatML template, <s> prepended) that a test may modify."""
+    return build_tokenizer(tokenizer_texts(), vocab_size=400)
+
+
+@pytest.fixture
+def tokenizer_dir(tokenizer, tmp_path: Path) -> Path:
+    """The tiny tokenizer saved where `load_tokenizer` can read it."""
+    directory = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path) -> Callable[..., Recipe]:
+    """`make_recipe(datasets=[...], **keys)`: a recipe whose file would live in tmp_path."""
+    def make(**keys: Any) -> Recipe:
+        raw = {"base_model": "tunegraph:tiny-llama", "learning_rate": 1e-3, **keys}
+        return recipe_from_mapping(raw, source="test", name="t", source_path=tmp_path / "r.yaml")
+    return make

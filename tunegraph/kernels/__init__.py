@@ -1,0 +1,1 @@
+"""Triton kernels beside their PyTorch references (later issue); empty for now."""

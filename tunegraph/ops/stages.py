@@ -1,0 +1,214 @@
+"""The pipeline's stages, content-addressed: compute a stage's key from its inputs, return the
+stored artifact if that key exists (a cache hit: no work), else do the work and store it.
+
+Assets, the CLI and `dvc repro` all call these, so they share one cache and produce the same
+artifacts. A stage's key is the hash of: its upstream artifacts' keys, the recipe keys that affect
+it, and its code version — never of keys that do not change its output (`learning_rate` does not
+reach the tokenized data; `output_dir` reaches nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunegraph import __version__
+from tunegraph.config import TINY_LLAMA, Recipe
+from tunegraph.config.schema import AdapterConcern, EvalConcern, TrainingConcern
+from tunegraph.ops.artifacts import Artifact, ArtifactStore
+from tunegraph.ops.hashing import hash_file, hash_json, list_files, short
+
+Progress = Callable[[str, int, int], None]
+BASE_MODEL_CODE_VERSION = "1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+# Keys that change no stage's output: where results are exported, how often to print.
+NOT_HASHED = frozenset({"output_dir", "logging_steps"})
+# Which model-loading keys change training (the base model's identity is its artifact key).
+MODEL_LOADING_KEYS = ("model_type", "attn_implementation", "flash_attention", "sdp_attention",
+                      "trust_remote_code")
+
+
+@dataclass
+class StageResult:
+    artifact: Artifact
+    cache_hit: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolved_recipe(recipe: Recipe) -> dict[str, Any]:
+    return {"name": recipe.name, "source": str(recipe.source_path), **recipe.model_dump(mode="json")}
+
+
+def model_dir(base: Artifact) -> Path:
+    """Where a base model's weights are: in the store (tiny), or the referenced hub/local folder."""
+    reference = base.path / "reference.json"
+    if reference.is_file():
+        return Path(json.loads(reference.read_text())["model_dir"])
+    return base.path
+
+
+def tokenizer_files_hash(directory: Path) -> dict[str, str]:
+    return {p.name: hash_file(p) for p in list_files(directory) if p.name in TOKENIZER_FILES}
+
+
+def _pretrained_fingerprint(directory: Path) -> dict[str, Any]:
+    # Weights can be tens of GB: hash small files fully and large ones by size and mtime. A hub
+    # snapshot's folder name is already the commit hash, which the path carries.
+    files = {}
+    for path in list_files(directory):
+        stat = path.stat()
+        rel = str(path.relative_to(directory))
+        files[rel] = hash_file(path) if stat.st_size < (64 << 20) else f"{stat.st_size}:{stat.st_mtime_ns}"
+    return {"model_dir": str(directory), "files": files}
+
+
+def base_model_stage(recipe: Recipe, store: ArtifactStore, slug: str,
+                     progress: Progress | None = None) -> StageResult:
+    """The base model: build the tiny model locally, or reference a hub/local model."""
+    from tunegraph.ops.data import data_fingerprint, iter_texts
+
+    if recipe.base_model == TINY_LLAMA:
+        assert recipe.tiny_model is not None
+        inputs = {"tiny_model": recipe.tiny_model.model_dump(), "seed": recipe.seed,
+                  "data": data_fingerprint(recipe), "code": BASE_MODEL_CODE_VERSION}
+    else:
+        from tunegraph.ops.base_model import locate_pretrained
+
+        inputs = {"pretrained": _pretrained_fingerprint(locate_pretrained(recipe)),
+                  "config": recipe.base_model_config, "code": BASE_MODEL_CODE_VERSION}
+    key = short(hash_json(inputs))
+    if found := store.get("base_models", key):
+        return StageResult(found, True, {"slug": slug})
+    manifest = {"slug": slug, "base_model": recipe.base_model, "inputs": inputs}
+    with store.write("base_models", key, manifest) as out:
+        if recipe.base_model == TINY_LLAMA:
+            from tunegraph.ops.base_model import build_tiny_model
+
+            if progress:
+                progress("base_model", 0, 1)
+            build_tiny_model(recipe, iter_texts(recipe), out)
+        else:
+            (out / "reference.json").write_text(json.dumps({"model_dir":
+                                                             inputs["pretrained"]["model_dir"]}))
+    artifact = store.get("base_models", key)
+    assert artifact is not None
+    return StageResult(artifact, False, {"slug": slug})
+
+
+def tokenized_stage(recipe: Recipe, store: ArtifactStore, base: Artifact,
+                    progress: Progress | None = None) -> StageResult:
+    from tunegraph.ops.tokenize import tokenization_fingerprint, tokenize_dataset
+
+    source = model_dir(base)
+    fingerprint = tokenization_fingerprint(recipe, tokenizer_files_hash(source))
+    key = short(hash_json(fingerprint))
+    if found := store.get("tokenized", key):
+        return StageResult(found, True, _stats(found))
+    manifest = {"recipe": _resolved_recipe(recipe), "inputs": {"base_model": base.key,
+                                                               "fingerprint": fingerprint}}
+    with store.write("tokenized", key, manifest) as out:
+        tokenize_dataset(recipe, source, out, progress)
+    artifact = store.get("tokenized", key)
+    assert artifact is not None
+    return StageResult(artifact, False, _stats(artifact))
+
+
+def _stats(artifact: Artifact) -> dict[str, Any]:
+    return json.loads((artifact.path / "stats.json").read_text())
+
+
+def training_key_values(recipe: Recipe) -> dict[str, Any]:
+    values = recipe.concern_values(AdapterConcern, TrainingConcern)
+    values.update({k: getattr(recipe, k) for k in MODEL_LOADING_KEYS})
+    return {k: v for k, v in values.items() if k not in NOT_HASHED}
+
+
+def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized: Artifact,
+                progress: Progress | None = None) -> StageResult:
+    from tunegraph.ops.train import TRAIN_CODE_VERSION, train
+
+    inputs = {"base_model": base.key, "tokenized": tokenized.key,
+              "keys": training_key_values(recipe), "code": TRAIN_CODE_VERSION,
+              "tunegraph": __version__}
+    kind = "adapters" if recipe.is_lora else "models"
+    key = short(hash_json(inputs))
+    if found := store.get(kind, key):
+        return StageResult(found, True, found.manifest.get("metrics", {}))
+    with store.write(kind, key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
+        metrics = train(recipe, model_dir(base), tokenized.path, out, progress)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    artifact = store.get(kind, key)
+    assert artifact is not None
+    return StageResult(artifact, False, metrics)
+
+
+def trained_weights_dir(trained: Artifact) -> Path:
+    """The folder `from_pretrained` loads: the adapter, or the fully fine-tuned model."""
+    return trained.path / ("adapter" if trained.kind == "adapters" else "model")
+
+
+def merge_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, adapter: Artifact,
+                tokenized: Artifact) -> StageResult:
+    """Merge a LoRA adapter; the metadata carries the base+adapter vs merged logit difference."""
+    from tunegraph.ops.merge import MERGE_CODE_VERSION, max_logit_difference, merge_lora
+    from tunegraph.ops.tokenize import load_tokenized
+
+    if adapter.kind != "adapters":
+        raise ValueError("adapter: merge-lora needs a LoRA recipe (adapter: lora); a full "
+                         "fine-tune is already a complete model")
+    inputs = {"base_model": base.key, "adapter": adapter.key, "code": MERGE_CODE_VERSION}
+    key = short(hash_json(inputs))
+    if found := store.get("merged", key):
+        return StageResult(found, True, found.manifest.get("checks", {}))
+    with store.write("merged", key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
+        merge_lora(recipe, model_dir(base), trained_weights_dir(adapter), out)
+        rows = load_tokenized(tokenized.path, "validation")
+        rows = rows if len(rows) else load_tokenized(tokenized.path, "train")
+        sample = [r["input_ids"] for r in rows.select(range(min(4, len(rows))))]
+        diff = max_logit_difference(recipe, model_dir(base), trained_weights_dir(adapter), out,
+                                    sample)
+        checks = {"max_logit_diff_vs_unmerged": diff}
+        (out / "checks.json").write_text(json.dumps(checks))
+    artifact = store.get("merged", key)
+    assert artifact is not None
+    return StageResult(artifact, False, checks)
+
+
+def eval_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized: Artifact,
+               trained_model: Artifact, progress: Progress | None = None) -> StageResult:
+    """Score base and trained model; `trained_model` is the merged model or a full fine-tune."""
+    from tunegraph.ops.evaluate import EVAL_CODE_VERSION, evaluate
+
+    weights = (trained_model.path if trained_model.kind == "merged"
+               else trained_weights_dir(trained_model))
+    inputs = {"base_model": base.key, "tokenized": tokenized.key, "model": trained_model.key,
+              "keys": recipe.concern_values(EvalConcern),
+              "eval_batch_size": recipe.eval_batch_size or recipe.micro_batch_size,
+              "code": EVAL_CODE_VERSION}
+    key = short(hash_json(inputs))
+    if found := store.get("evals", key):
+        return StageResult(found, True, json.loads((found.path / "scores.json").read_text()))
+    with store.write("evals", key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
+        scores = evaluate(recipe, model_dir(base), weights, tokenized.path, progress)
+        (out / "scores.json").write_text(json.dumps(scores, indent=2))
+    artifact = store.get("evals", key)
+    assert artifact is not None
+    return StageResult(artifact, False, scores)
+
+
+def export(recipe: Recipe, artifact: Artifact, subdir: str = "") -> Path:
+    """Copy an artifact's model files to the recipe's `output_dir` (Axolotl's output layout)."""
+    target = Path(recipe.output_dir)
+    if not target.is_absolute():
+        target = Path.cwd() / target
+    target = target / subdir if subdir else target
+    source = trained_weights_dir(artifact) if artifact.kind in ("adapters", "models") else artifact.path
+    # Copy into the folder, never clear it: output_dir may be a folder the user keeps other things in.
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target

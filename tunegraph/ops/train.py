@@ -1,0 +1,177 @@
+"""Supervised fine-tuning (LoRA or full) with transformers' Trainer on a tokenized dataset.
+
+    python -m tunegraph.cli train RECIPE      # through Dagster, with caching
+    train(recipe, base_dir, tokenized_dir, out_dir)   # plain Python
+
+setup (model, adapter, data, arguments) → train → save. The trained adapter (or full model) is
+written to `out_dir/adapter` (or `out_dir/model`), with the per-step log in `out_dir/log.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from tunegraph.config import Recipe
+from tunegraph.ops.base_model import load_model, load_tokenizer
+from tunegraph.ops.tokenize import load_tokenized
+
+TRAIN_CODE_VERSION = "1"
+Progress = Callable[[str, int, int], None]
+
+
+def mixed_precision(recipe: Recipe) -> dict[str, bool]:
+    """bf16/fp16 flags for TrainingArguments; `bf16: auto` means bf16 where the GPU supports it."""
+    on_cuda = torch.cuda.is_available()
+    bf16 = recipe.bf16 if recipe.bf16 != "auto" else on_cuda and torch.cuda.is_bf16_supported()
+    if (bf16 or recipe.fp16) and not on_cuda:
+        raise ValueError("bf16/fp16: mixed precision needs a GPU; set bf16: auto or false on CPU")
+    return {"bf16": bool(bf16), "fp16": bool(recipe.fp16)}
+
+
+def add_lora(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel:
+    """Wrap `model` with a PEFT LoRA adapter as the recipe's lora_* keys say."""
+    if recipe.lora_target_linear:
+        targets: list[str] | str | None = "all-linear"
+    else:
+        targets = recipe.lora_target_modules
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                        lora_dropout=recipe.lora_dropout, target_modules=targets,
+                        fan_in_fan_out=recipe.lora_fan_in_fan_out,
+                        modules_to_save=recipe.lora_modules_to_save, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # PEFT says which target modules matched nothing
+        raise ValueError(f"lora_target_modules: {exc}") from exc
+
+
+class PadCollator:
+    """Right-pads input_ids with the pad token and labels with -100, and builds attention masks."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ProgressCallback(TrainerCallback):
+    """Reports each logged step to `progress` and keeps the loss trajectory."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (HF signature)
+        if logs:
+            self.history.append({"step": state.global_step, **logs})
+        if self.progress:
+            self.progress("train", state.global_step, state.max_steps)
+
+
+def steps_per_epoch(recipe: Recipe, num_rows: int) -> int:
+    batches = math.ceil(num_rows / recipe.micro_batch_size)
+    return max(1, batches // recipe.gradient_accumulation_steps)
+
+
+def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
+                       has_validation: bool) -> TrainingArguments:
+    """Map the recipe's training keys onto TrainingArguments, one key to one argument."""
+    per_epoch = steps_per_epoch(recipe, num_train_rows)
+    save_steps = recipe.save_steps or (max(1, per_epoch // recipe.saves_per_epoch)
+                                       if recipe.saves_per_epoch else None)
+    eval_steps = recipe.eval_steps or (max(1, per_epoch // recipe.evals_per_epoch)
+                                       if recipe.evals_per_epoch else None)
+    warmup: float = recipe.warmup_steps or 0
+    if recipe.warmup_ratio is not None:
+        warmup = recipe.warmup_ratio
+    optional = {k: v for k, v in (("adam_beta1", recipe.adam_beta1),
+                                  ("adam_beta2", recipe.adam_beta2),
+                                  ("adam_epsilon", recipe.adam_epsilon)) if v is not None}
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=recipe.micro_batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size or recipe.micro_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        num_train_epochs=recipe.num_epochs, max_steps=recipe.max_steps or -1,
+        learning_rate=recipe.learning_rate, optim=recipe.optimizer,
+        lr_scheduler_type=recipe.lr_scheduler, warmup_steps=warmup,
+        weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
+        seed=recipe.seed, data_seed=recipe.data_seed,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_total_limit=recipe.save_total_limit,
+        eval_strategy="steps" if eval_steps and has_validation else "no", eval_steps=eval_steps,
+        logging_steps=recipe.logging_steps, logging_first_step=True,
+        tf32=recipe.tf32, gradient_checkpointing=recipe.gradient_checkpointing,
+        gradient_checkpointing_kwargs=recipe.gradient_checkpointing_kwargs,
+        report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False,
+        **mixed_precision(recipe), **optional,
+    )
+
+
+def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = load_tokenizer(recipe, base_dir)
+    model = load_model(recipe, base_dir)
+    if recipe.gradient_checkpointing:
+        model.config.use_cache = False
+    if recipe.is_lora:
+        model = add_lora(recipe, model)
+    return model, tokenizer
+
+
+def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune the base model on the tokenized data; returns the metrics written to log.json."""
+    model, tokenizer = prepare_model(recipe, base_dir)
+    train_rows = load_tokenized(tokenized_dir, "train")
+    val_rows = load_tokenized(tokenized_dir, "validation")
+    if len(train_rows) == 0:
+        raise ValueError("datasets: the tokenized training split is empty")
+    args = training_arguments(recipe, out_dir, len(train_rows), len(val_rows) > 0)
+    callback = ProgressCallback(progress)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows,
+                      eval_dataset=val_rows.remove_columns(["reference"]) if len(val_rows) else None,
+                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[callback])
+    result = trainer.train()
+
+    final_dir = out_dir / ("adapter" if recipe.is_lora else "model")
+    trainer.model.save_pretrained(final_dir, safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
+    losses = [(h["step"], h["loss"]) for h in callback.history if "loss" in h]
+    metrics = {
+        "num_steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
+        "losses": losses,
+        "eval_losses": [(h["step"], h["eval_loss"]) for h in callback.history if "eval_loss" in h],
+        "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*")),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+    }
+    (out_dir / "log.json").write_text(json.dumps({"metrics": metrics,
+                                                  "history": callback.history}, indent=2))
+    return metrics
