@@ -11,6 +11,7 @@ import pytest
 
 from tunegraph.config import Recipe, recipe_from_mapping
 from tunegraph.ops.base_model import build_tokenizer
+from tests_support import EXAMPLES
 
 WORDS = ("the a cat dog sat on mat what is capital of france paris hello hi there how are you "
          "fine thanks answer question add two numbers four be brief sure below instruction "
@@ -44,3 +45,27 @@ def make_recipe(tmp_path: Path) -> Callable[..., Recipe]:
         raw = {"base_model": "tunegraph:tiny-llama", "learning_rate": 1e-3, **keys}
         return recipe_from_mapping(raw, source="test", name="t", source_path=tmp_path / "r.yaml")
     return make
+
+
+
+@pytest.fixture
+def quickstart_copy(tmp_path: Path) -> Path:
+    """examples/quickstart.yaml and its data copied into tmp_path, so a test may edit the data."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(EXAMPLES / "data" / "quickstart.jsonl", tmp_path / "data" / "quickstart.jsonl")
+    shutil.copy(EXAMPLES / "quickstart.yaml", tmp_path / "quickstart.yaml")
+    return tmp_path / "quickstart.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped, with the reason, on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -148,7 +148,11 @@ def _verb(name: str, target: str, doc: str) -> None:
     @click.argument("recipe", type=click.Path())
     @click.pass_context
     def command(ctx: click.Context, recipe: str) -> None:
-        if not run_materialize(_load(recipe, ctx.args), (target,), with_upstream=True):
+        loaded = _load(recipe, ctx.args)
+        if target == "merged_model" and not loaded.is_lora:
+            raise click.ClickException(f"recipe {loaded.name} is a full fine-tune (adapter is not "
+                                       f"lora): there is no adapter to merge")
+        if not run_materialize(loaded, (target,), with_upstream=True):
             sys.exit(1)
 
 

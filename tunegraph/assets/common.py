@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,9 @@ from tunegraph.config import Recipe, base_model_slug
 from tunegraph.ops.stages import StageResult
 
 BASE_MODELS_GROUP = "base_models"
+# Output(data_version=...) is marked beta in Dagster 1.13; it is the documented way to report a
+# content-derived data version, which the caching design relies on.
+warnings.filterwarnings("ignore", message="Parameter `data_version`", category=Warning)
 
 
 def base_model_key(recipe: Recipe) -> AssetKey:

@@ -52,6 +52,11 @@ LR_SCHEDULERS = (
 )
 AXOLOTL_LR_SCHEDULERS = ("one_cycle", "rex", "log_sweep", "reduce_lr_on_plateau")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# When to checkpoint / evaluate during training: transformers' strategies. "best" (save when
+# metric_for_best_model improves) needs load_best_model_at_end, which tunegraph does not run yet.
+SAVE_STRATEGIES = ("steps", "epoch", "no")
+AXOLOTL_SAVE_STRATEGIES = ("best",)
+EVAL_STRATEGIES = ("steps", "epoch", "no")
 
 
 def check_choice(key: str, value: str, supported: tuple[str, ...], axolotl_only: tuple[str, ...]) -> str:
@@ -321,6 +326,79 @@ class TrainingConcern(StrictModel):
     gradient_checkpointing: bool = Field(False, description="bool, default false.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="mapping passed "
                                                                                    "to transformers.")
+    save_strategy: str | None = Field(None, description="str, default steps when save_steps or "
+                                                        "saves_per_epoch is set, else no: steps, "
+                                                        "epoch or no.")
+    eval_strategy: str | None = Field(None, description="str, default steps when eval_steps or "
+                                                        "evals_per_epoch is set, else no: steps, "
+                                                        "epoch or no (held-out loss during "
+                                                        "training; needs val_set_size).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="int: stop training after "
+                                                                        "this many evaluations "
+                                                                        "in a row without a lower "
+                                                                        "held-out loss (needs "
+                                                                        "evaluation during "
+                                                                        "training).")
+    loss_watchdog_threshold: float | None = Field(None, gt=0, description="float: stop training "
+                                                                          "with an error when the "
+                                                                          "logged training loss is "
+                                                                          "above this (or not "
+                                                                          "finite) for "
+                                                                          "loss_watchdog_patience "
+                                                                          "logged steps in a row.")
+    loss_watchdog_patience: int = Field(3, ge=1, description="int, default 3: logged steps in a "
+                                                             "row above loss_watchdog_threshold "
+                                                             "before training stops.")
+    group_by_length: bool = Field(False, description="bool, default false: batch rows of similar "
+                                                     "length together (transformers' "
+                                                     "LengthGroupedSampler) to waste less padding.")
+    pad_to_sequence_len: bool = Field(False, description="bool, default false: pad every training "
+                                                         "batch to sequence_len tokens (fixed "
+                                                         "shapes), not to its longest row.")
+    torch_compile: bool = Field(False, description="bool, default false: compile the model with "
+                                                   "torch.compile (transformers' torch_compile).")
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"] | None = Field(
+        None, description="str, default torch's default: the torch.compile mode; needs "
+                          "torch_compile: true.")
+    ddp_find_unused_parameters: bool | None = Field(None, description="bool, default transformers' "
+                                                                      "choice: DDP's "
+                                                                      "find_unused_parameters "
+                                                                      "when training runs on "
+                                                                      "several processes.")
+    remove_unused_columns: bool = Field(False, description="bool, false only: tunegraph's "
+                                                           "collator reads input_ids and labels "
+                                                           "by name, so no columns are removed.")
+    save_safetensors: bool = Field(True, description="bool, true only: checkpoints, adapters and "
+                                                     "models are always written as safetensors.")
+
+    @field_validator("save_strategy")
+    @classmethod
+    def _save_strategy(cls, value: str | None) -> str | None:
+        return None if value is None else check_choice("save_strategy", value, SAVE_STRATEGIES,
+                                                       AXOLOTL_SAVE_STRATEGIES)
+
+    @field_validator("eval_strategy")
+    @classmethod
+    def _eval_strategy(cls, value: str | None) -> str | None:
+        return None if value is None else check_choice("eval_strategy", value, EVAL_STRATEGIES, ())
+
+    @field_validator("remove_unused_columns")
+    @classmethod
+    def _keep_columns(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("remove_unused_columns: true is not supported: tunegraph's tokenized "
+                             "data holds only what training reads, and its collator picks "
+                             "input_ids and labels by name; set false or remove the key")
+        return value
+
+    @field_validator("save_safetensors")
+    @classmethod
+    def _safetensors(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("save_safetensors: false is not supported: tunegraph always writes "
+                             "safetensors (no pickled .bin weights); set true or remove the key")
+        return value
 
     @field_validator("optimizer")
     @classmethod
@@ -341,6 +419,22 @@ class TrainingConcern(StrictModel):
                 raise ValueError(f"{a} and {b} are both set: choose one")
         if self.bf16 is True and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one")
+        for strategy, steps, per_epoch in (("save_strategy", "save_steps", "saves_per_epoch"),
+                                           ("eval_strategy", "eval_steps", "evals_per_epoch")):
+            value = getattr(self, strategy)
+            given = [k for k in (steps, per_epoch) if getattr(self, k) is not None]
+            if value == "steps" and not given:
+                raise ValueError(f"{strategy} is 'steps' but neither {steps} nor {per_epoch} is "
+                                 f"set: set one")
+            if value in ("epoch", "no") and given:
+                raise ValueError(f"{strategy} is '{value}' but {given[0]} is set: remove one")
+        if self.torch_compile_mode is not None and not self.torch_compile:
+            raise ValueError("torch_compile_mode is set but torch_compile is not true: set "
+                             "torch_compile: true")
+        if ("loss_watchdog_patience" in self.model_fields_set
+                and self.loss_watchdog_threshold is None):
+            raise ValueError("loss_watchdog_patience is set but loss_watchdog_threshold is not: "
+                             "set the loss above which training stops")
         return self
 
 
@@ -363,9 +457,29 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
     """A whole recipe: Axolotl's flat key space, typed per concern. Build it with
     `tunegraph.config.load_recipe`, which also sets `name` and `source_path`."""
 
+    strict: bool = Field(False, description="bool, default false: Axolotl's config-strictness "
+                                            "flag, accepted for compatibility. tunegraph is always "
+                                            "strict (an unknown key is an error), so true and "
+                                            "false validate the same way and change nothing "
+                                            "else; no stage hashes it.")
+
     _name: str = PrivateAttr("recipe")
     _source_path: Path | None = PrivateAttr(None)
     _off_keys: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _evaluation_needs_held_out_rows(self) -> Recipe:
+        for key in ("eval_strategy", "early_stopping_patience"):
+            if getattr(self, key) not in (None, "no") and self.val_set_size == 0:
+                raise ValueError(f"{key} needs held-out rows to evaluate on but val_set_size is "
+                                 f"0: set val_set_size")
+        # eval_strategy 'steps' implies eval_steps or evals_per_epoch (TrainingConcern's rule).
+        evaluates = (self.eval_strategy == "epoch" or self.eval_steps is not None
+                     or self.evals_per_epoch is not None)
+        if self.early_stopping_patience is not None and not evaluates:
+            raise ValueError("early_stopping_patience needs evaluation during training: set "
+                             "eval_steps, evals_per_epoch or eval_strategy: epoch")
+        return self
 
     def bind_source(self, name: str, source_path: Path | None,
                     off_keys: tuple[str, ...] = ()) -> Recipe:

@@ -111,11 +111,14 @@ class ArtifactStore:
                     "libraries": library_versions(), "git_revision": git_revision(), **manifest,
                     "files": hash_tree(tmp)}
             (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-            if final.exists():
-                # Another writer published the same content first; ours is identical by key.
-                shutil.rmtree(tmp)
-            else:
+            try:
                 os.rename(tmp, final)
+            except OSError:
+                # Another writer published this key first (rename onto a non-empty folder
+                # fails); ours is identical by key, so theirs stands and ours is dropped.
+                if not (final / MANIFEST).is_file():
+                    raise
+                shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

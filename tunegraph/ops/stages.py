@@ -120,7 +120,11 @@ def tokenized_stage(recipe: Recipe, store: ArtifactStore, base: Artifact,
 
 
 def _stats(artifact: Artifact) -> dict[str, Any]:
-    return json.loads((artifact.path / "stats.json").read_text())
+    return _read_json(artifact, "stats.json")
+
+
+def _read_json(artifact: Artifact, name: str) -> dict[str, Any]:
+    return json.loads((artifact.path / name).read_text())
 
 
 def training_key_values(recipe: Recipe) -> dict[str, Any]:
@@ -139,13 +143,14 @@ def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized:
     kind = "adapters" if recipe.is_lora else "models"
     key = short(hash_json(inputs))
     if found := store.get(kind, key):
-        return StageResult(found, True, found.manifest.get("metrics", {}))
+        return StageResult(found, True, _read_json(found, "metrics.json"))
     with store.write(kind, key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
         metrics = train(recipe, model_dir(base), tokenized.path, out, progress)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     artifact = store.get(kind, key)
     assert artifact is not None
-    return StageResult(artifact, False, metrics)
+    # Read back, so a miss reports exactly what a later hit will (JSON turns tuples into lists).
+    return StageResult(artifact, False, _read_json(artifact, "metrics.json"))
 
 
 def trained_weights_dir(trained: Artifact) -> Path:
@@ -165,7 +170,7 @@ def merge_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, adapter: A
     inputs = {"base_model": base.key, "adapter": adapter.key, "code": MERGE_CODE_VERSION}
     key = short(hash_json(inputs))
     if found := store.get("merged", key):
-        return StageResult(found, True, found.manifest.get("checks", {}))
+        return StageResult(found, True, _read_json(found, "checks.json"))
     with store.write("merged", key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
         merge_lora(recipe, model_dir(base), trained_weights_dir(adapter), out)
         rows = load_tokenized(tokenized.path, "validation")

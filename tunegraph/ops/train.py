@@ -5,6 +5,8 @@
 
 setup (model, adapter, data, arguments) → train → save. The trained adapter (or full model) is
 written to `out_dir/adapter` (or `out_dir/model`), with the per-step log in `out_dir/log.json`.
+Recipe keys reach transformers through `training_arguments` (one key, one argument) and
+`training_callbacks` (early stopping, the loss watchdog).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    EarlyStoppingCallback,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -59,13 +62,20 @@ def add_lora(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel:
 
 
 class PadCollator:
-    """Right-pads input_ids with the pad token and labels with -100, and builds attention masks."""
+    """Right-pads input_ids with the pad token and labels with -100, and builds attention masks.
 
-    def __init__(self, pad_token_id: int):
+    Batches are as wide as their longest row, or exactly `pad_to` tokens when it is given
+    (`pad_to_sequence_len`: one shape for every batch)."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
         self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        longest = max(len(r["input_ids"]) for r in rows)
+        # Tokenization truncates rows to sequence_len, which is what pad_to is.
+        assert self.pad_to is None or longest <= self.pad_to, (longest, self.pad_to)
+        width = self.pad_to or longest
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -75,6 +85,10 @@ class PadCollator:
             labels[i, :n] = torch.tensor(row["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collator_for(recipe: Recipe, pad_token_id: int) -> PadCollator:
+    return PadCollator(pad_token_id, recipe.sequence_len if recipe.pad_to_sequence_len else None)
 
 
 class ProgressCallback(TrainerCallback):
@@ -91,9 +105,53 @@ class ProgressCallback(TrainerCallback):
             self.progress("train", state.global_step, state.max_steps)
 
 
+class LossWatchdogError(RuntimeError):
+    """Training stopped because the loss stayed above `loss_watchdog_threshold`."""
+
+
+class LossWatchdogCallback(TrainerCallback):
+    """Stops training when the logged training loss is above `threshold` (or NaN/inf) for
+    `patience` logged steps in a row; `raise_if_tripped` then turns that into an error.
+
+    Axolotl's watchdog re-reads the last log entry at every step end, so with logging_steps > 1
+    one high loss counts several times; this one counts each logged loss once."""
+
+    def __init__(self, threshold: float, patience: int):
+        self.threshold = threshold
+        self.patience = patience
+        self.high: list[tuple[int, float]] = []  # (step, loss) of the current run of high losses
+        self.tripped: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (HF signature)
+        if not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if math.isfinite(loss) and loss <= self.threshold:
+            self.high = []
+            return
+        self.high.append((state.global_step, loss))
+        if len(self.high) >= self.patience and self.tripped is None:
+            seen = ", ".join(f"step {step}: {value:.4g}" for step, value in self.high)
+            self.tripped = (f"loss_watchdog_threshold: the training loss was above "
+                            f"{self.threshold} for {len(self.high)} logged steps in a row "
+                            f"({seen}); training stopped at step {state.global_step} and nothing "
+                            f"was saved. Lower learning_rate, or raise loss_watchdog_threshold / "
+                            f"loss_watchdog_patience")
+            control.should_training_stop = True
+
+    def raise_if_tripped(self) -> None:
+        if self.tripped:
+            raise LossWatchdogError(self.tripped)
+
+
 def steps_per_epoch(recipe: Recipe, num_rows: int) -> int:
     batches = math.ceil(num_rows / recipe.micro_batch_size)
     return max(1, batches // recipe.gradient_accumulation_steps)
+
+
+def _strategy(explicit: str | None, steps: int | None) -> str:
+    """An explicit save/eval strategy wins; otherwise every N steps when N is set, else never."""
+    return explicit or ("steps" if steps else "no")
 
 
 def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
@@ -104,12 +162,26 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
                                        if recipe.saves_per_epoch else None)
     eval_steps = recipe.eval_steps or (max(1, per_epoch // recipe.evals_per_epoch)
                                        if recipe.evals_per_epoch else None)
+    eval_strategy = _strategy(recipe.eval_strategy, eval_steps)
+    if not has_validation:
+        # The schema requires val_set_size for these; a tiny dataset can still split to 0 rows.
+        for key in ("eval_strategy", "early_stopping_patience"):
+            if getattr(recipe, key) not in (None, "no"):
+                raise ValueError(f"{key}: the held-out split is empty (val_set_size "
+                                 f"{recipe.val_set_size} of {num_train_rows} rows): raise "
+                                 f"val_set_size")
+        eval_strategy = "no"
     warmup: float = recipe.warmup_steps or 0
     if recipe.warmup_ratio is not None:
         warmup = recipe.warmup_ratio
     optional = {k: v for k, v in (("adam_beta1", recipe.adam_beta1),
                                   ("adam_beta2", recipe.adam_beta2),
-                                  ("adam_epsilon", recipe.adam_epsilon)) if v is not None}
+                                  ("adam_epsilon", recipe.adam_epsilon),
+                                  ("torch_compile_mode", recipe.torch_compile_mode)) if v is not None}
+    if recipe.early_stopping_patience is not None:
+        # EarlyStoppingCallback compares each evaluation against state.best_metric, which the
+        # Trainer only tracks when metric_for_best_model is set.
+        optional.update(metric_for_best_model="eval_loss", greater_is_better=False)
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=recipe.micro_batch_size,
@@ -120,16 +192,30 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
         lr_scheduler_type=recipe.lr_scheduler, warmup_steps=warmup,
         weight_decay=recipe.weight_decay, max_grad_norm=recipe.max_grad_norm,
         seed=recipe.seed, data_seed=recipe.data_seed,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_strategy=_strategy(recipe.save_strategy, save_steps), save_steps=save_steps or 500,
         save_total_limit=recipe.save_total_limit,
-        eval_strategy="steps" if eval_steps and has_validation else "no", eval_steps=eval_steps,
+        eval_strategy=eval_strategy, eval_steps=eval_steps,
         logging_steps=recipe.logging_steps, logging_first_step=True,
         tf32=recipe.tf32, gradient_checkpointing=recipe.gradient_checkpointing,
         gradient_checkpointing_kwargs=recipe.gradient_checkpointing_kwargs,
-        report_to="none", remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
+        torch_compile=recipe.torch_compile,
+        ddp_find_unused_parameters=recipe.ddp_find_unused_parameters,
+        report_to="none", remove_unused_columns=recipe.remove_unused_columns,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
         **mixed_precision(recipe), **optional,
     )
+
+
+def training_callbacks(recipe: Recipe) -> list[TrainerCallback]:
+    """The callbacks that recipe keys ask for, beside progress reporting."""
+    callbacks: list[TrainerCallback] = []
+    if recipe.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
+    if recipe.loss_watchdog_threshold is not None:
+        callbacks.append(LossWatchdogCallback(recipe.loss_watchdog_threshold,
+                                              recipe.loss_watchdog_patience))
+    return callbacks
 
 
 def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -152,10 +238,15 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
         raise ValueError("datasets: the tokenized training split is empty")
     args = training_arguments(recipe, out_dir, len(train_rows), len(val_rows) > 0)
     callback = ProgressCallback(progress)
+    extra_callbacks = training_callbacks(recipe)
     trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                       eval_dataset=val_rows.remove_columns(["reference"]) if len(val_rows) else None,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[callback])
+                      data_collator=collator_for(recipe, tokenizer.pad_token_id),
+                      callbacks=[callback, *extra_callbacks])
     result = trainer.train()
+    for extra in extra_callbacks:
+        if isinstance(extra, LossWatchdogCallback):
+            extra.raise_if_tripped()
 
     final_dir = out_dir / ("adapter" if recipe.is_lora else "model")
     trainer.model.save_pretrained(final_dir, safe_serialization=True)

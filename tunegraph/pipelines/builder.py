@@ -52,8 +52,10 @@ def assets_for(recipes: Iterable[Recipe]) -> list[AssetsDefinition]:
     return list(base_models.values()) + assets
 
 
-def resources() -> dict:
-    return {"artifact_store": ArtifactStoreResource(), "io_manager": ArtifactIOManager()}
+def resources(artifacts_root: str = "") -> dict:
+    """The artifact store and IO manager; both default to `.tunegraph/artifacts`."""
+    return {"artifact_store": ArtifactStoreResource(root=artifacts_root),
+            "io_manager": ArtifactIOManager(root=artifacts_root)}
 
 
 def build_definitions(recipes: Iterable[Recipe]) -> Definitions:

@@ -7,7 +7,6 @@ the UI.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dagster import DagsterInstance
@@ -31,7 +30,5 @@ def ensure_dagster_home(home: Path | None = None) -> Path:
 
 
 def embedded_instance(home: Path | None = None) -> DagsterInstance:
-    """The project's persistent instance (sets DAGSTER_HOME for this process)."""
-    dagster_home = ensure_dagster_home(home)
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
-    return DagsterInstance.get()
+    """The project's persistent instance, `<home>/dagster_home` (home: `.tunegraph`)."""
+    return DagsterInstance.from_config(str(ensure_dagster_home(home)))

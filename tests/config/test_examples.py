@@ -1,0 +1,63 @@
+"""Every shipped recipe under examples/ loads and plans, with the assets and lineage its kind of
+run should have (LoRA: adapter → merged_model → eval_scores; full fine-tune: model → eval_scores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunegraph.cli import plan_of
+from tunegraph.config import load_recipe
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RECIPES = sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*.yml"))
+
+
+def expected_deps(name: str, base: str, is_lora: bool) -> dict[str, list[str]]:
+    tokenized = f"{name}/tokenized_dataset"
+    if is_lora:
+        trained = f"{name}/adapter"
+        final = f"{name}/merged_model"
+        return {base: [], tokenized: [base], trained: sorted([base, tokenized]),
+                final: sorted([base, trained, tokenized]),
+                f"{name}/eval_scores": sorted([base, final, tokenized])}
+    trained = f"{name}/model"
+    return {base: [], tokenized: [base], trained: sorted([base, tokenized]),
+            f"{name}/eval_scores": sorted([base, trained, tokenized])}
+
+
+def test_examples_exist():
+    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "chat.yaml", "completion.yaml",
+                                         "llama-3.2-1b-lora.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_example_loads_and_plans(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.off_keys == ()  # shipped recipes set no Axolotl key we ignore
+    plan = plan_of(recipe)
+    deps = {asset["key"]: asset["deps"] for asset in plan["assets"]}
+    (base,) = [key for key in deps if key.startswith("base_models/")]
+    assert deps == expected_deps(recipe.name, base, recipe.is_lora)
+    pools = {asset["key"]: asset["pool"] for asset in plan["assets"]}
+    assert pools[f"{recipe.name}/tokenized_dataset"] is None  # CPU work stays off the GPU pool
+    # Relative data paths are found next to the recipe.
+    for dataset in recipe.datasets:
+        assert (recipe.base_dir / dataset.path).is_file(), dataset.path
+
+
+def test_quickstart_plan():
+    recipe = load_recipe(EXAMPLES / "quickstart.yaml")
+    plan = plan_of(recipe)
+    keys = [asset["key"] for asset in plan["assets"]]
+    assert keys[0].startswith("base_models/tiny_llama_")
+    assert keys[1:] == ["quickstart/tokenized_dataset", "quickstart/adapter",
+                        "quickstart/merged_model", "quickstart/eval_scores"]
+    assert plan["recipe"] == "quickstart" and plan["axolotl_keys_off"] == []
+    assert recipe.is_lora and recipe.tiny_model is not None and recipe.tiny_model.hidden_size == 128
+
+
+def test_hub_example_names_a_shared_base_model_asset():
+    plan = plan_of(load_recipe(EXAMPLES / "llama-3.2-1b-lora.yaml"))
+    assert plan["assets"][0]["key"] == "base_models/nousresearch__llama_3_2_1b"
