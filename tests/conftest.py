@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from tests_support import EXAMPLES
 from tunegraph.config import Recipe, recipe_from_mapping
 from tunegraph.ops.base_model import build_tokenizer
-from tests_support import EXAMPLES
 
 WORDS = ("the a cat dog sat on mat what is capital of france paris hello hi there how are you "
          "fine thanks answer question add two numbers four be brief sure below instruction "

@@ -46,8 +46,9 @@ def test_defaults():
     ({"micro_batch_size": 0}, "micro_batch_size: Input should be greater than or equal to 1"),
     ({"learning_rate": "fast"}, "learning_rate: Input should be a valid number"),
     ({"learning_rate": 0}, "learning_rate: Input should be greater than 0"),
-    ({"gradient_checkpointing": "offload"}, "gradient_checkpointing: Input should be a valid "
-                                            "boolean"),
+    ({"gradient_checkpointing": "offload"}, "gradient_checkpointing: 'offload' is an Axolotl "
+                                            "value that tunegraph does not support yet"),
+    ({"gradient_checkpointing": "sometimes"}, "gradient_checkpointing: unknown value 'sometimes'"),
     ({"datasets": "data.jsonl"}, "datasets: Input should be a valid list"),
     ({"datasets": []}, "datasets: List should have at least 1 item after validation"),
     ({"datasets": [{"path": "d.jsonl"}]}, "datasets[0].type: Field required"),
@@ -115,7 +116,7 @@ def test_unknown_values_are_told_apart_from_axolotl_values():
     ({"chat_template": "chatml", "chat_template_jinja": "{{ x }}"},
      "chat_template_jinja is set but chat_template is 'chatml': set chat_template: jinja"),
     ({"datasets": [{"path": "d.jsonl", "type": "alpaca", "field": "text"}]},
-     "datasets[].field is for type completion, not 'alpaca'"),
+     "datasets[0].field is for type completion, not 'alpaca'"),
 ])
 def test_cross_field_rules(keys, message):
     found = problems(**keys)

@@ -117,5 +117,8 @@ def test_iter_texts_reads_every_type(make_recipe, tmp_path):
     recipe = make_recipe(datasets=[{"path": "a.jsonl", "type": "alpaca"},
                                    {"path": "c.jsonl", "type": "chat_template"},
                                    {"path": "t.jsonl", "type": "completion", "field": "body"}])
-    assert list(iter_texts(recipe)) == ["say hi", "hi", "add", "2 and 2", "four", "hi", "yo",
-                                        "the end"]
+    texts = list(iter_texts(recipe))
+    # Alpaca rows come with their prompt template, so the tokenizer learns its fixed words.
+    assert texts[0].startswith("Below is an instruction") and texts[0].endswith("say hi\n\n### Response:\nhi")
+    assert "### Input:\n2 and 2" in texts[1] and texts[1].endswith("four")
+    assert texts[2:] == ["hi", "yo", "the end"]

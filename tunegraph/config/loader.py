@@ -67,7 +67,8 @@ def check_keys(raw: dict[str, Any], known: list[str], axolotl: dict[str, str], w
         if not isinstance(key, str):
             problems.append(f"{label}: keys must be strings")
         elif key in known:
-            kept[key] = value
+            if value is not None:  # an empty value means "not set", as in Axolotl
+                kept[key] = value
         elif key in axolotl:
             if _is_off(value):
                 off.append(label)
@@ -81,12 +82,15 @@ def check_keys(raw: dict[str, Any], known: list[str], axolotl: dict[str, str], w
 
 
 def _pydantic_problems(error: ValidationError) -> list[str]:
+    """One line per pydantic error, naming the key once (validators already name it)."""
     problems = []
     for item in error.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in item["loc"])
         loc = loc.replace(".[", "[")
         message = item["msg"].removeprefix("Value error, ")
-        if message.split(":", 1)[0].strip() in loc or not loc:
+        if entry := re.match(r"datasets\[\d+\]", loc):
+            message = message.replace("datasets[]", entry.group(0))
+        if not loc or message.startswith(loc) or message.split(":", 1)[0] in loc:
             problems.append(message)
         else:
             problems.append(f"{loc}: {message}")

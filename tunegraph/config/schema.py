@@ -34,7 +34,8 @@ AXOLOTL_CHAT_TEMPLATES = (
     "alpaca", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "gemma",
     "cohere", "llama3", "llama3_2_vision", "llama4", "phi_3", "phi_35", "deepseek_v2", "deepseek_v3",
     "jamba", "jinja", "qwen_25", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml",
-    "exaone", "metharme", "pixtral", "llava", "gemma3", "command_a", "aya",
+    "exaone", "metharme", "pixtral", "llava", "gemma3", "command_a", "aya", "qwen3_5", "gemma3n",
+    "granite", "smolvlm2", "lfm2", "olmo",
 )
 OPTIMIZERS = (
     "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
@@ -44,7 +45,7 @@ AXOLOTL_OPTIMIZERS = (
     "adamw_anyprecision", "adamw_apex_fused", "adamw_torch_xla", "lion_8bit", "paged_lion_8bit",
     "lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "lomo", "adalomo",
     "galore_adamw", "galore_adamw_8bit", "schedule_free_adamw", "muon", "optimi_adamw", "ao_adamw_4bit",
-    "ao_adamw_8bit", "ao_adamw_fp8", "came_pytorch", "grokadamw", "adopt_adamw", "dion",
+    "ao_adamw_8bit", "ao_adamw_fp8", "adamw_torch_8bit", "adamw_torch_4bit", "came_pytorch", "grokadamw", "adopt_adamw", "dion",
 )
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -323,7 +324,8 @@ class TrainingConcern(StrictModel):
                                                              "where the GPU supports it.")
     fp16: bool | None = Field(None, description="bool: fp16 mixed precision.")
     tf32: bool | None = Field(None, description="bool: allow TF32 matmuls on Ampere+.")
-    gradient_checkpointing: bool = Field(False, description="bool, default false.")
+    gradient_checkpointing: bool | str = Field(False, description="bool, default false: "
+                                                                 "recompute activations in backward.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="mapping passed "
                                                                                    "to transformers.")
     save_strategy: str | None = Field(None, description="str, default steps when save_steps or "
@@ -398,6 +400,13 @@ class TrainingConcern(StrictModel):
         if not value:
             raise ValueError("save_safetensors: false is not supported: tunegraph always writes "
                              "safetensors (no pickled .bin weights); set true or remove the key")
+        return value
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpointing(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str):
+            check_choice("gradient_checkpointing", value, (), ("offload",))
         return value
 
     @field_validator("optimizer")

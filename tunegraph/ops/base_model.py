@@ -81,7 +81,10 @@ def locate_pretrained(recipe: Recipe) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(recipe.base_model, revision=recipe.revision_of_model))
+        # Skip formats transformers does not load (original checkpoints, GGUF, Flax/TF weights).
+        return Path(snapshot_download(recipe.base_model, revision=recipe.revision_of_model,
+                                      ignore_patterns=["original/*", "*.pth", "*.gguf",
+                                                       "*.msgpack", "*.h5"]))
     except Exception as exc:  # the hub client raises several unrelated types for "not reachable"
         raise ValueError(f"base_model: could not find '{recipe.base_model}' as a local directory "
                          f"or download it from the hub ({type(exc).__name__}: {exc})") from exc

@@ -26,6 +26,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 from tunegraph.config import Recipe
@@ -134,9 +135,9 @@ class LossWatchdogCallback(TrainerCallback):
             seen = ", ".join(f"step {step}: {value:.4g}" for step, value in self.high)
             self.tripped = (f"loss_watchdog_threshold: the training loss was above "
                             f"{self.threshold} for {len(self.high)} logged steps in a row "
-                            f"({seen}); training stopped at step {state.global_step} and nothing "
-                            f"was saved. Lower learning_rate, or raise loss_watchdog_threshold / "
-                            f"loss_watchdog_patience")
+                            f"({seen}); training stopped at step {state.global_step} and the model "
+                            f"was not saved. Lower learning_rate, or raise "
+                            f"loss_watchdog_threshold / loss_watchdog_patience")
             control.should_training_stop = True
 
     def raise_if_tripped(self) -> None:
@@ -219,6 +220,9 @@ def training_callbacks(recipe: Recipe) -> list[TrainerCallback]:
 
 
 def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    # Seed before the adapter's random init, so LoRA weights follow the recipe's seed and not
+    # whatever ran earlier in the process (Trainer seeds only later, at construction).
+    set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe, base_dir)
     model = load_model(recipe, base_dir)
     if recipe.gradient_checkpointing:

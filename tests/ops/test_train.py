@@ -1,0 +1,218 @@
+"""Training on a tiny seeded model: golden loss trajectories (STYLE 9), gradient accumulation
+4x1 == 1x4, and the loss going down on quickstart-like data.
+
+The golden per-step losses live in tests/golden/{lora_tiny,full_tiny}.json. After a change that
+is meant to move them (and only then; say why in the commit), rewrite them with
+
+    TUNEGRAPH_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/ops/test_train.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, set_seed
+
+from tunegraph.config import Recipe, recipe_from_mapping
+from tunegraph.ops.artifacts import ArtifactStore
+from tunegraph.ops.prompts import IGNORE_INDEX
+from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
+from tunegraph.ops.tokenize import load_tokenized
+from tunegraph.ops.train import train
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+UPDATE_GOLDEN = os.environ.get("TUNEGRAPH_UPDATE_GOLDEN") == "1"
+# CPU, fp32, one thread: a rerun on the same machine and libraries is bit-identical. The margin
+# is for other CPUs and library patch releases, whose kernels sum in another order: reordering
+# the sums (1x4 vs 4x1 below) moves the 12-step losses by at most 1e-7 relative (measured), while
+# the changes the goldens exist to catch (masking, loss normalisation, optimizer or schedule
+# mapping, seeding) move them by 1e-3 or more by step 4. 1e-4 sits between the two.
+GOLDEN_RTOL = 1e-4
+# 4x1 vs 1x4 on one machine: the same maths summed in another order (measured: 1e-7).
+ACCUMULATION_RTOL = 1e-5
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 400}
+COMMON = {"sequence_len": 64, "val_set_size": 8, "micro_batch_size": 4,
+          "gradient_accumulation_steps": 1, "max_steps": 12, "lr_scheduler": "cosine",
+          "warmup_steps": 2, "optimizer": "adamw_torch", "weight_decay": 0.0, "seed": 7,
+          "bf16": False}
+# The golden runs: name -> recipe keys on top of COMMON. Changing these needs new goldens.
+RUNS: dict[str, dict[str, Any]] = {
+    "lora_tiny": {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                  "lora_target_linear": True, "lora_modules_to_save": ["lm_head"],
+                  "learning_rate": 1e-2},
+    "full_tiny": {"learning_rate": 2e-3},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_one_thread():
+    """Goldens are CPU fp32 numbers: hide any GPU (train() would pick it, and bf16 with it) and
+    use one thread (tiny matmuls gain nothing from two; MKL may split sums by thread count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+    torch.set_num_threads(previous)
+
+
+def quickstart_like_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Alpaca rows of the quickstart's kinds (examples/data/make_quickstart_data.py), short enough
+    for sequence_len 64 with a 400-token vocabulary."""
+    rng = random.Random(seed)
+    opposites = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "wet": "dry"}
+    colors = {"milk": "white", "ink": "black", "sky": "blue", "grass": "green", "plum": "purple"}
+    rows = []
+    for _ in range(count):
+        task = rng.randrange(3)
+        if task == 0:
+            word = rng.choice(sorted(opposites))
+            rows.append({"instruction": "Give the opposite word.", "input": word,
+                         "output": opposites[word]})
+        elif task == 1:
+            thing = rng.choice(sorted(colors))
+            rows.append({"instruction": "Name the color of the thing.", "input": thing,
+                         "output": colors[thing]})
+        else:
+            n = rng.randrange(50)
+            rows.append({"instruction": "What number comes after this one?", "input": str(n),
+                         "output": str(n + 1)})
+    return rows
+
+
+def make(folder: Path, **keys: Any) -> Recipe:
+    raw = {"base_model": "tunegraph:tiny-llama", "tiny_model": TINY,
+           "datasets": [{"path": "data.jsonl", "type": "alpaca"}], "learning_rate": 1e-3,
+           **COMMON, **keys}
+    return recipe_from_mapping(raw, source="test", name="t", source_path=folder / "r.yaml")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Any]:
+    """The tiny base model and the tokenized data, built once through the stages."""
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "data.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in quickstart_like_rows(48, seed=0)))
+    recipe = make(folder)
+    store = ArtifactStore(folder / "store")
+    base = base_model_stage(recipe, store, "tiny")
+    tokenized = tokenized_stage(recipe, store, base.artifact)
+    assert tokenized.metadata["num_truncated"] == 0 and tokenized.metadata["num_train_rows"] == 40
+    return {"folder": folder, "base_dir": model_dir(base.artifact),
+            "tokenized_dir": tokenized.artifact.path}
+
+
+def train_run(prepared: dict[str, Any], out_dir: Path, seed_first: bool = True,
+              **keys: Any) -> dict[str, Any]:
+    recipe = make(prepared["folder"], **keys)
+    if seed_first:
+        # train() leaves the LoRA initialisation to whatever state the global RNG is in (see
+        # test_lora_init_follows_the_recipe_seed); seed it as a fixed train() would.
+        set_seed(recipe.seed)
+    metrics = train(recipe, prepared["base_dir"], prepared["tokenized_dir"], out_dir)
+    assert [step for step, _ in metrics["losses"]] == list(range(1, recipe.max_steps + 1))
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory) -> Callable[..., dict[str, Any]]:
+    """`runs(name, **extra_keys)`: metrics of a golden run (or a variant), trained once."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, **extra: Any) -> dict[str, Any]:
+        label = name + "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+        if label not in done:
+            out = tmp_path_factory.mktemp(label.replace("=", "_"))
+            done[label] = {**train_run(prepared, out, **RUNS[name], **extra), "out": out}
+        return done[label]
+    return run
+
+
+def losses(metrics: dict[str, Any]) -> list[float]:
+    return [loss for _, loss in metrics["losses"]]
+
+
+def golden(name: str, actual: list[float]) -> list[float]:
+    path = GOLDEN_DIR / f"{name}.json"
+    if UPDATE_GOLDEN:
+        libraries = {lib: metadata.version(lib) for lib in ("torch", "transformers", "peft",
+                                                            "tokenizers", "accelerate")}
+        path.write_text(json.dumps({
+            "about": f"Per-step training loss of tests/ops/test_train.py's '{name}' run (CPU, "
+                     f"fp32, one thread). Regenerate: TUNEGRAPH_UPDATE_GOLDEN=1 .venv/bin/python "
+                     f"-m pytest tests/ops/test_train.py; say why in the commit.",
+            "recipe": {**COMMON, **RUNS[name], "tiny_model": TINY},
+            "libraries": libraries, "rtol": GOLDEN_RTOL, "losses": actual}, indent=2) + "\n")
+    stored = json.loads(path.read_text())
+    assert stored["recipe"] == {**COMMON, **RUNS[name], "tiny_model": TINY}, (
+        f"{path.name} was made with other recipe keys: regenerate it (see this module's docstring)")
+    return stored["losses"]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_matches_golden_trajectory(runs, name):
+    actual = losses(runs(name))
+    assert actual == pytest.approx(golden(name, actual), rel=GOLDEN_RTOL, abs=0)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_loss_decreases(runs, name):
+    actual = losses(runs(name))
+    assert sum(actual[-3:]) / 3 < sum(actual[:3]) / 3 - 0.2
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_grad_accumulation_1x4_equals_4x1(runs, prepared, name):
+    """micro_batch_size 1 x 4 accumulation steps vs 4 x 1: equal because transformers' Trainer
+    counts the trained tokens of the whole accumulation window (num_items_in_batch) and the
+    model divides its summed loss by that count, for PEFT models too. A mean per micro-batch
+    would differ, since the rows train different numbers of tokens (checked here)."""
+    train_rows = load_tokenized(prepared["tokenized_dir"], "train")
+    trained_per_row = {sum(label != IGNORE_INDEX for label in row) for row in train_rows["labels"]}
+    assert len(trained_per_row) > 1, "equal row weights would make this test vacuous"
+    accumulated = losses(runs(name, micro_batch_size=1, gradient_accumulation_steps=4))
+    assert accumulated == pytest.approx(losses(runs(name)), rel=ACCUMULATION_RTOL, abs=0)
+    assert accumulated == pytest.approx(golden(name, losses(runs(name))), rel=GOLDEN_RTOL, abs=0)
+
+
+def test_outputs_of_a_run(runs):
+    lora, full = runs("lora_tiny"), runs("full_tiny")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (lora["out"] / "adapter").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (full["out"] / "model").iterdir()}
+    # r=4 LoRA on the 7 linear layers of 2 blocks (2 x 2048 weights), plus the lm_head copy that
+    # lora_modules_to_save trains in full (400 x 32); everything for the full fine-tune.
+    assert lora["trainable_parameters"] == 2 * 2048 + 400 * 32
+    assert full["trainable_parameters"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(full["out"] / "model").parameters())
+    for metrics in (lora, full):
+        log = json.loads((metrics["out"] / "log.json").read_text())
+        assert log["metrics"]["losses"] == [list(pair) for pair in metrics["losses"]]
+        assert metrics["num_steps"] == 12
+        assert (metrics["first_loss"], metrics["last_loss"]) == (losses(metrics)[0],
+                                                                  losses(metrics)[-1])
+
+
+@pytest.mark.xfail(strict=True, reason="train() does not seed the global RNG before add_lora, so "
+                   "the LoRA A matrices depend on what ran before in the process, not on the "
+                   "recipe's seed. Fix: transformers.set_seed(recipe.seed) at the start of "
+                   "train(); then delete this marker and the set_seed in train_run.")
+def test_lora_init_follows_the_recipe_seed(prepared, tmp_path):
+    trajectories = []
+    for unrelated_seed in (0, 1):
+        torch.manual_seed(unrelated_seed)  # whatever ran before in this process
+        metrics = train_run(prepared, tmp_path / str(unrelated_seed), seed_first=False,
+                            **{**RUNS["lora_tiny"], "max_steps": 3, "warmup_steps": 0})
+        trajectories.append(losses(metrics))
+    assert trajectories[0] == trajectories[1]

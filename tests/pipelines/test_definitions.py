@@ -1,0 +1,72 @@
+"""Definitions from a folder of recipes: one group per recipe, shared base models, loadable by
+`dagster` and `dg` as well as by tunegraph itself."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey
+
+from tests_support import EXAMPLES, REPO
+from tunegraph.config import load_recipe
+from tunegraph.pipelines import build_definitions, discover_recipes
+
+
+def test_examples_folder_builds_one_group_per_recipe():
+    recipes = discover_recipes(EXAMPLES)
+    defs = build_definitions(recipes)
+    graph = defs.resolve_asset_graph()
+    groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert {r.name for r in recipes} | {"base_models"} == groups
+    quickstart = AssetKey(["quickstart", "eval_scores"])
+    assert graph.get(quickstart).parent_keys == {
+        AssetKey(["quickstart", "merged_model"]), AssetKey(["quickstart", "tokenized_dataset"]),
+        next(k for k in graph.get(AssetKey(["quickstart", "tokenized_dataset"])).parent_keys)}
+    # A full fine-tune has no adapter or merged model.
+    assert AssetKey(["chat", "model"]) in graph.get_all_asset_keys()
+    assert AssetKey(["chat", "merged_model"]) not in graph.get_all_asset_keys()
+
+
+def test_recipes_with_the_same_base_model_share_one_asset(tmp_path: Path):
+    for name in ("one", "two"):
+        shutil.copy(EXAMPLES / "quickstart.yaml", tmp_path / f"{name}.yaml")
+    (tmp_path / "data").mkdir()
+    shutil.copy(EXAMPLES / "data" / "quickstart.jsonl", tmp_path / "data")
+    graph = build_definitions(discover_recipes(tmp_path)).resolve_asset_graph()
+    bases = [k for k in graph.get_all_asset_keys() if k.path[0] == "base_models"]
+    assert len(bases) == 1
+    for name in ("one", "two"):
+        assert bases[0] in graph.get(AssetKey([name, "tokenized_dataset"])).parent_keys
+
+
+def test_an_invalid_recipe_fails_the_folder_with_its_message(tmp_path: Path):
+    (tmp_path / "bad.yaml").write_text("base_model: x\nlearning_rte: 1\n")
+    with pytest.raises(ValueError, match="learning_rte: unknown key"):
+        discover_recipes(tmp_path)
+
+
+def test_recipe_names_must_be_distinct(tmp_path: Path):
+    text = (EXAMPLES / "completion.yaml").read_text().replace("data/", str(EXAMPLES / "data") + "/")
+    (tmp_path / "a-b.yaml").write_text(text)
+    (tmp_path / "a_b.yml").write_text(text)
+    with pytest.raises(ValueError, match="same recipe name 'a_b'"):
+        discover_recipes(tmp_path)
+    assert load_recipe(tmp_path / "a-b.yaml").name == "a_b"
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "dagster", "definitions", "validate", "-m",
+     "tunegraph.pipelines.definitions"],
+    [str(Path(sys.executable).parent / "dg"), "list", "defs", "--json"],
+])
+def test_dagster_and_dg_load_the_definitions(command, tmp_path: Path):
+    env = dict(os.environ, TUNEGRAPH_RECIPES=str(EXAMPLES), DAGSTER_HOME=str(tmp_path))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if "--json" in command:
+        keys = {a["asset_key"] for a in json.loads(done.stdout)["assets"]}
+        assert "quickstart/eval_scores" in keys
