@@ -74,8 +74,11 @@ def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool
         selection = AssetSelection.assets(*keys)
         if with_upstream:
             selection = selection.upstream()
+    # INFO shows each step's start, progress and end; DEBUG (TUNEGRAPH_LOG_LEVEL) every event.
+    level = os.environ.get("TUNEGRAPH_LOG_LEVEL", "INFO").upper()
+    run_config = {"loggers": {"console": {"config": {"log_level": level}}}}
     result = materialize(assets, instance=embedded_instance(), resources=resources(),
-                         selection=selection, raise_on_error=False)
+                         selection=selection, raise_on_error=False, run_config=run_config)
     _print_summary(result)
     return result.success
 

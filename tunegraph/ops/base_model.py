@@ -75,9 +75,12 @@ def build_tiny_model(recipe: Recipe, texts: Iterable[str], out_dir: Path) -> Non
 def locate_pretrained(recipe: Recipe) -> Path:
     """The local directory of a hub or local base model (downloading a hub one into the HF cache)."""
     assert recipe.base_model != TINY_LLAMA
-    local = Path(recipe.base_model).expanduser()
-    if local.is_dir():
-        return local.resolve()
+    # A relative folder is looked up beside the recipe first, then in the working directory,
+    # as dataset paths are.
+    for local in (recipe.base_dir / Path(recipe.base_model).expanduser(),
+                  Path(recipe.base_model).expanduser()):
+        if local.is_dir():
+            return local.resolve()
     from huggingface_hub import snapshot_download
 
     try:

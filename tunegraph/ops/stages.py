@@ -23,7 +23,9 @@ from tunegraph.ops.artifacts import Artifact, ArtifactStore
 from tunegraph.ops.hashing import hash_file, hash_json, list_files, short
 
 Progress = Callable[[str, int, int], None]
-BASE_MODEL_CODE_VERSION = "1"
+# Bump when the built model or its tokenizer changes for the same inputs (2: tokenizer learns
+# Alpaca rows with their prompt template).
+BASE_MODEL_CODE_VERSION = "2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
