@@ -4,7 +4,9 @@
     tunegraph plan RECIPE [--json]                  the asset keys and their dependencies
     tunegraph materialize RECIPE [--select KEY]     run the recipe's assets through Dagster
     tunegraph preprocess|train|merge-lora|evaluate RECIPE   one asset and what it needs
+    tunegraph backfill-evals RECIPE [--checkpoints KEY ...] [--submit]   evals per checkpoint
     tunegraph dev [--recipes DIR]                   Dagster UI + daemon on 127.0.0.1
+    tunegraph stage preprocess|... RECIPE --out DIR one stage without Dagster (dvc.yaml runs these)
 
 Any recipe key can be overridden after the recipe: `--learning-rate 1e-4`, `--max-steps=10`.
 Materializations go to the embedded instance (.tunegraph/dagster_home), so they show in the UI.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from tunegraph.cli_stages import stage
 from tunegraph.config import Recipe, load_recipe, parse_overrides
 
 OVERRIDABLE = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -41,7 +44,10 @@ def plan_of(recipe: Recipe) -> dict:
             spec = definition.specs_by_key[key]
             assets.append({"key": key.to_user_string(), "group": spec.group_name,
                            "deps": sorted(d.asset_key.to_user_string() for d in spec.deps),
-                           "pool": definition.op.pool, "code_version": spec.code_version})
+                           # checkpoints: declared only (training materializes it), no op
+                           "pool": definition.op.pool if definition.is_executable else None,
+                           "code_version": spec.code_version,
+                           "partitions": spec.partitions_def.name if spec.partitions_def else None})
     return {"recipe": recipe.name, "source": str(recipe.source_path), "assets": assets,
             "axolotl_keys_off": list(recipe.off_keys)}
 
@@ -55,15 +61,20 @@ def _asset_key(recipe: Recipe, name: str):
     return trained_key(recipe) if name == "trained" else recipe_key(recipe, name)
 
 
-def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool) -> bool:
-    """Materialize the recipe's assets (or the selection) on the embedded instance."""
-    from dagster import AssetSelection, materialize
+def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool,
+                    checkpoints: tuple[str, ...] = ()) -> bool:
+    """Materialize the recipe's assets (or the selection) on the embedded instance: the
+    unpartitioned ones, then eval_scores per checkpoint (all, or `checkpoints`), then reports."""
+    from dagster import AssetSelection
 
+    from tunegraph.assets.raw_data import report_raw_data
     from tunegraph.pipelines import assets_for, embedded_instance, resources
+    from tunegraph.pipelines.backfill import asset_graph, materialize_in_order, resolve_checkpoints
+    from tunegraph.pipelines.builder import checks_for
 
     assets = assets_for([recipe])
     known = {k for a in assets for k in a.keys}
-    selection = None
+    selection = AssetSelection.all()
     if select:
         keys = [_asset_key(recipe, name) for name in select]
         unknown = [k.to_user_string() for k in keys if k not in known]
@@ -77,10 +88,24 @@ def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool
     # INFO shows each step's start, progress and end; DEBUG (TUNEGRAPH_LOG_LEVEL) every event.
     level = os.environ.get("TUNEGRAPH_LOG_LEVEL", "INFO").upper()
     run_config = {"loggers": {"console": {"config": {"log_level": level}}}}
-    result = materialize(assets, instance=embedded_instance(), resources=resources(),
-                         selection=selection, raise_on_error=False, run_config=run_config)
-    _print_summary(result)
-    return result.success
+    instance = embedded_instance()
+    try:  # the raw data's version now: what this run reads is what its assets will remember
+        report_raw_data(instance, [recipe])
+    except ValueError as exc:  # a dataset that is missing or unreadable, named
+        raise click.ClickException(str(exc)) from None
+    keys = selection.resolve(asset_graph(assets))
+    try:
+        # Checkpoints are resolved after the first run: it may be the training that makes them.
+        chosen = (lambda: resolve_checkpoints(recipe, instance, checkpoints)) if checkpoints \
+            else None
+        # With the asset checks: a failed blocking check stops what is downstream of it.
+        outcome = materialize_in_order(assets + checks_for([recipe]), instance, resources(), keys,
+                                       run_config, chosen)
+    except ValueError as exc:  # nothing to evaluate yet, or an unknown --checkpoints key
+        raise click.ClickException(str(exc)) from None
+    for result in outcome.results:
+        _print_summary(result)
+    return outcome.success
 
 
 def _print_summary(result) -> None:
@@ -90,9 +115,16 @@ def _print_summary(result) -> None:
         meta = mat.metadata
         cached = meta["cache_hit"].value if "cache_hit" in meta else "-"
         path = meta["path"].value if "path" in meta else ""
-        click.echo(f"{mat.asset_key.to_user_string():<43} {str(cached):<7} {path}")
-        if "scores" in meta:
-            click.echo(meta["scores"].value)
+        name = mat.asset_key.to_user_string() + (f"[{mat.partition}]" if mat.partition else "")
+        click.echo(f"{name:<43} {str(cached):<7} {path}")
+        if "table" in meta:  # an eval report: scores vs training step
+            click.echo(meta["table"].value)
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else (
+            "WARNING" if evaluation.severity.value == "WARN" else "FAILED")
+        name = evaluation.asset_check_key.to_user_string()
+        click.echo(f"check {name}: {verdict}" + ("" if evaluation.passed else
+                                                  f" ({evaluation.description})"))
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
@@ -159,10 +191,103 @@ def _verb(name: str, target: str, doc: str) -> None:
             sys.exit(1)
 
 
-_verb("preprocess", "tokenized_dataset", "Materialize the tokenized dataset (and the base model).")
+@main.command(context_settings=OVERRIDABLE)
+@click.argument("recipe", type=click.Path())
+@click.option("--debug", is_flag=True, help="Show training rows token by token: trained tokens "
+                                            "green, masked red (on a terminal; else «trained»).")
+@click.option("--debug-num-examples", default=5, show_default=True, type=click.IntRange(1),
+              help="How many rows --debug shows.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), default=None,
+              help="Write num_rows, num_tokens, num_trainable_tokens, num_truncated, "
+                   "packing_efficiency, num_packed_rows to this JSON file.")
+@click.pass_context
+def preprocess(ctx: click.Context, recipe: str, debug: bool, debug_num_examples: int,
+               stats_json: str | None) -> None:
+    """Materialize the tokenized dataset (and the base model)."""
+    loaded = _load(recipe, ctx.args)
+    if not run_materialize(loaded, ("tokenized_dataset",), with_upstream=True):
+        sys.exit(1)
+    if not (debug or stats_json):
+        return
+    from tunegraph.cli_stages import artifacts_root
+    from tunegraph.config import base_model_slug
+    from tunegraph.ops.artifacts import ArtifactStore
+    from tunegraph.ops.base_model import load_tokenizer
+    from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
+    from tunegraph.ops.tokenize import debug_report, write_stats_json
+
+    # Both stages were just materialized: these are cache hits that hand back the artifacts.
+    store = ArtifactStore(artifacts_root())
+    base = base_model_stage(loaded, store, base_model_slug(loaded)).artifact
+    tokenized = tokenized_stage(loaded, store, base)
+    if debug:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        tokenizer = load_tokenizer(loaded, model_dir(base))
+        click.echo(debug_report(tokenized.artifact.path, tokenizer, debug_num_examples, color),
+                   color=color)
+    if stats_json:
+        written = write_stats_json(tokenized.metadata, Path(stats_json))
+        click.echo(f"stats: {json.dumps(written)} -> {stats_json}")
 _verb("train", "trained", "Materialize the adapter or model, and what it needs.")
 _verb("merge-lora", "merged_model", "Materialize the merged model, and what it needs.")
-_verb("evaluate", "eval_scores", "Materialize the eval scores, and what they need.")
+
+
+CHECKPOINTS_HELP = ("A checkpoint partition: its key, `final`, `step-000050` or `50`; repeat. "
+                    "Default: all registered checkpoints.")
+
+
+@main.command(context_settings=OVERRIDABLE)
+@click.argument("recipe", type=click.Path())
+@click.option("--checkpoints", "checkpoints", multiple=True,
+              help="As for backfill-evals; default: the final model only.")
+@click.pass_context
+def evaluate(ctx: click.Context, recipe: str, checkpoints: tuple[str, ...]) -> None:
+    """Materialize the eval scores of the final model (or --checkpoints), what they need,
+    and the recipe's eval report."""
+    if not run_materialize(_load(recipe, ctx.args), ("eval_scores", "eval_report"),
+                           with_upstream=True, checkpoints=checkpoints or ("final",)):
+        sys.exit(1)
+
+
+@main.command(name="backfill-evals", context_settings=OVERRIDABLE)
+@click.argument("recipe", type=click.Path())
+@click.option("--checkpoints", "checkpoints", multiple=True, help=CHECKPOINTS_HELP)
+@click.option("--submit", is_flag=True,
+              help="Create a Dagster backfill for the daemon of `tunegraph dev` to run (the UI's "
+                   "Backfills page), instead of running here.")
+@click.pass_context
+def backfill_evals_command(ctx: click.Context, recipe: str, checkpoints: tuple[str, ...],
+                           submit: bool) -> None:
+    """Evaluate RECIPE's checkpoints (all registered ones, or --checkpoints), one run per
+    checkpoint, then its eval report; training is not re-run."""
+    from tunegraph.pipelines import assets_for, embedded_instance, resources
+    from tunegraph.pipelines.backfill import backfill_evals, resolve_checkpoints, submit_backfill
+    from tunegraph.pipelines.builder import checks_for
+
+    loaded = _load(recipe, ctx.args)
+    if loaded.val_set_size == 0:
+        raise click.ClickException(f"val_set_size: recipe {loaded.name} holds out no rows, so "
+                                   f"it has no evals to backfill")
+    assets = assets_for([loaded])
+    with embedded_instance() as instance:
+        try:
+            partitions = resolve_checkpoints(loaded, instance, checkpoints)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        if submit:
+            backfill_id = submit_backfill(loaded, assets, instance, partitions)
+            click.echo(f"backfill {backfill_id}: eval_scores over {len(partitions)} checkpoints, "
+                       f"then the eval report; `tunegraph dev` runs it (UI: Backfills)")
+            return
+        level = os.environ.get("TUNEGRAPH_LOG_LEVEL", "INFO").upper()
+        # With the asset checks, as `materialize` runs them (evals: no regression vs base).
+        outcome = backfill_evals(loaded, assets + checks_for([loaded]), instance, resources(),
+                                 partitions,
+                                 {"loggers": {"console": {"config": {"log_level": level}}}})
+    for result in outcome.results:
+        _print_summary(result)
+    if not outcome.success:
+        sys.exit(1)
 
 
 @main.command()
@@ -170,13 +295,25 @@ _verb("evaluate", "eval_scores", "Materialize the eval scores, and what they nee
               help="Folder of recipes (default: $TUNEGRAPH_RECIPES, ./recipes or ./examples).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
-def dev(recipes: str | None, host: str, port: int) -> None:
+@click.option("--gpu-pool-limit", type=int, default=None,
+              help="GPU steps that may run at once (the GPU count); kept in the instance. "
+                   "Default: $TUNEGRAPH_GPU_POOL_LIMIT, else the instance's setting (1 at first).")
+def dev(recipes: str | None, host: str, port: int, gpu_pool_limit: int | None) -> None:
     """Start the Dagster webserver and daemon on the embedded instance."""
-    from tunegraph.pipelines import discover_recipes, ensure_dagster_home, recipes_dir
+    from tunegraph.pipelines import (
+        discover_recipes,
+        embedded_instance,
+        ensure_dagster_home,
+        recipes_dir,
+    )
+    from tunegraph.pipelines.instance import set_gpu_pool_limit
 
     folder = Path(recipes) if recipes else recipes_dir()
     try:
         discover_recipes(folder)  # fail here, with the recipe's message, not inside Dagster
+        with embedded_instance() as instance:  # applies $TUNEGRAPH_GPU_POOL_LIMIT
+            if gpu_pool_limit is not None:
+                set_gpu_pool_limit(instance, gpu_pool_limit, "--gpu-pool-limit")
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     env = dict(os.environ, DAGSTER_HOME=str(ensure_dagster_home()),
@@ -187,6 +324,8 @@ def dev(recipes: str | None, host: str, port: int) -> None:
     click.echo(f"Dagster UI on http://{host}:{port}  (instance {env['DAGSTER_HOME']})")
     os.execvpe(command[0], command, env)
 
+
+main.add_command(stage)  # `tunegraph stage ...`: the stages without Dagster (tunegraph/cli_stages.py)
 
 if __name__ == "__main__":
     main()

@@ -72,7 +72,7 @@ def test_config_validates_or_names_every_unsupported_key(path: Path):
     assert not unsupported(raw), f"{path.name} validated despite {unsupported(raw)}"
     assert plan_of(recipe)["assets"]
     assert set(recipe.off_keys) <= {k for k, v in raw.items() if is_off(v)} | {
-        f"datasets[{i}].{k}" for i, e in enumerate(raw["datasets"]) for k in e}
+        f"datasets[{i}].{k}" for i, e in enumerate(raw.get("datasets") or []) for k in e}
 
 
 def load_script():
@@ -115,13 +115,14 @@ def test_script_writes_the_report(tmp_path):
     (configs / "ok.yml").write_text("base_model: tunegraph:tiny-llama\nlearning_rate: 0.001\n"
                                     "datasets:\n  - path: d.jsonl\n    type: alpaca\n"
                                     "load_in_8bit: false\n")
-    (configs / "bad.yaml").write_text("base_model: x\nlearning_rate: 0.001\nsample_packing: true\n"
+    (configs / "bad.yaml").write_text("base_model: x\nlearning_rate: 0.001\nsample_packing_sequentially: true\n"
                                       "datasets:\n  - path: d.jsonl\n    type: alpaca\n")
     out = tmp_path / "docs" / "compat.md"
     assert script.main(["--configs", str(configs), "--write", str(out)]) == 0
     text = out.read_text()
     assert "**1 of 2 files validate (50%).**" in text
-    assert "| `sample_packing` | key not supported yet | packing | 1 |" in text
-    assert "| bad.yaml | fails | 1 | `sample_packing` |" in text
-    # No val_set_size, so no eval_scores: base model, tokenized data, model.
-    assert "| ok.yml | validates (3 assets, 1 off keys) | 0 | |" in text
+    assert "| `sample_packing_sequentially` | key not supported yet | packing | 1 |" in text
+    assert "| bad.yaml | fails | 1 | `sample_packing_sequentially` |" in text
+    # No val_set_size, so no eval_scores: base model, tokenized data, model, checkpoints and the
+    # raw_data source.
+    assert "| ok.yml | validates (5 assets, 1 off keys) | 0 | |" in text

@@ -108,18 +108,18 @@ def test_axolotl_only_key_with_a_value_is_not_supported_yet(tmp_path):
 
 
 def test_axolotl_only_dataset_key_with_a_value_is_not_supported_yet(tmp_path):
-    text = VALID.replace("    type: alpaca\n", "    type: alpaca\n    shards: 4\n")
+    text = VALID.replace("    type: alpaca\n", "    type: alpaca\n    preprocess_shards: 4\n")
     assert problems(tmp_path, text) == [
-        "datasets[0].shards: known to Axolotl but not supported by tunegraph yet"]
+        "datasets[0].preprocess_shards: known to Axolotl but not supported by tunegraph yet"]
 
 
 def test_axolotl_only_keys_set_to_off_are_accepted_and_listed(tmp_path):
     text = VALID + ("load_in_4bit: false\nwandb_project:\nlora_model_dir: ''\n"
                     "unfrozen_parameters: []\nfsdp_config: {}\n")
-    text = text.replace("    type: alpaca\n", "    type: alpaca\n    shards:\n")
+    text = text.replace("    type: alpaca\n", "    type: alpaca\n    preprocess_shards:\n")
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.off_keys == ("load_in_4bit", "wandb_project", "lora_model_dir",
-                               "unfrozen_parameters", "fsdp_config", "datasets[0].shards")
+                               "unfrozen_parameters", "fsdp_config", "datasets[0].preprocess_shards")
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -193,7 +193,7 @@ def test_override_values_are_validated():
 def test_cli_validate_with_an_override():
     result = CliRunner().invoke(main, ["validate", str(QUICKSTART), "--learning-rate", "1e-4"])
     assert result.exit_code == 0, result.output
-    assert f"ok: {QUICKSTART} is valid (recipe 'quickstart', 5 assets)" in result.output
+    assert f"ok: {QUICKSTART} is valid (recipe 'quickstart', 8 assets)" in result.output
 
 
 def test_cli_validate_reports_an_unknown_override_without_a_traceback():
@@ -226,7 +226,7 @@ def test_cli_plan_json():
     assert plan["recipe"] == "quickstart"
     deps = {asset["key"]: asset["deps"] for asset in plan["assets"]}
     (base,) = [key for key in deps if key.startswith("base_models/")]
-    assert deps["quickstart/tokenized_dataset"] == [base]
+    assert deps["quickstart/tokenized_dataset"] == sorted([base, "quickstart/raw_data"])
     assert deps["quickstart/adapter"] == sorted([base, "quickstart/tokenized_dataset"])
     assert "quickstart/merged_model" in deps and "quickstart/eval_scores" in deps
 
@@ -235,7 +235,7 @@ def test_cli_plan_text():
     result = CliRunner().invoke(main, ["plan", str(QUICKSTART)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 8  # 7 assets and the raw_data source
     assert any(line.startswith("quickstart/adapter") and " <- base_models/" in line
                for line in lines)
 

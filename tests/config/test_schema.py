@@ -51,7 +51,7 @@ def test_defaults():
     ({"gradient_checkpointing": "sometimes"}, "gradient_checkpointing: unknown value 'sometimes'"),
     ({"datasets": "data.jsonl"}, "datasets: Input should be a valid list"),
     ({"datasets": []}, "datasets: List should have at least 1 item after validation"),
-    ({"datasets": [{"path": "d.jsonl"}]}, "datasets[0].type: Field required"),
+    ({"datasets": [{"path": "d.jsonl", "type": 3}]}, "datasets[0].type"),
     ({"lora_target_modules": 3, "adapter": "lora"}, "lora_target_modules"),
     ({"special_tokens": {"pad": "<pad>"}}, "special_tokens.pad: unknown special token "
                                            "(allowed: bos_token, eos_token, pad_token, "
@@ -79,11 +79,11 @@ def test_missing_required_keys():
     ({"optimizer": "adamw_8bit"}, "optimizer", "adamw_8bit",
      "adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop"),
     ({"lr_scheduler": "one_cycle"}, "lr_scheduler", "one_cycle", "linear, cosine"),
-    ({"chat_template": "llama3"}, "chat_template", "llama3", "tokenizer_default, chatml, jinja"),
+    ({"chat_template": "llama4"}, "chat_template", "llama4", "tokenizer_default, jinja, chatml"),
     ({"datasets": [{"path": "d.jsonl", "type": "sharegpt"}]}, "datasets[0].type", "sharegpt",
-     "alpaca, chat_template, completion"),
-    ({"datasets": [{"path": "d.jsonl", "type": "chat_template", "chat_template": "gemma"}]},
-     "datasets[0].chat_template", "gemma", "tokenizer_default, chatml, jinja"),
+     "alpaca, alpaca_chat"),
+    ({"datasets": [{"path": "d.jsonl", "type": "chat_template", "chat_template": "gemma3"}]},
+     "datasets[0].chat_template", "gemma3", "tokenizer_default, jinja, chatml"),
 ])
 def test_axolotl_only_values_are_not_supported_yet(keys, key, value, supported):
     (problem,) = problems(**keys)

@@ -1,13 +1,17 @@
-"""Raw data: path resolution, formats, folders, fingerprints and the errors a user can cause."""
+"""Raw data: path resolution, formats, folders, URLs, hub commits, shards, fingerprints and the
+errors a user can cause."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import datasets
 import pytest
 
+from tunegraph.ops import data
 from tunegraph.ops.data import data_fingerprint, iter_texts, load_rows, resolve_data_path
 
 ALPACA_ROWS = [{"instruction": "say hi", "input": "", "output": "hi"},
@@ -33,12 +37,116 @@ def test_relative_path_prefers_recipe_folder_then_working_directory(make_recipe,
     assert len(load_rows(recipe, recipe.datasets[0])) == 2
 
 
-def test_hub_ids_are_not_local(make_recipe):
+def test_hub_ids_are_not_local_and_are_versioned_by_commit(make_recipe, monkeypatch):
     recipe = make_recipe(datasets=[{"path": "tatsu-lab/alpaca", "type": "alpaca"}])
     assert resolve_data_path(recipe, recipe.datasets[0]) is None
+    monkeypatch.setattr(data, "hub_commit", lambda cfg: "c" * 40)
     assert data_fingerprint(recipe) == {"datasets": [{
-        "hub": "tatsu-lab/alpaca", "revision": None, "name": None, "split": "train",
-        "data_files": None}]}
+        "hub": "tatsu-lab/alpaca", "revision": None, "commit": "c" * 40, "name": None,
+        "split": "train", "data_files": None}]}
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or "rows")
+    assert load_rows(recipe, recipe.datasets[0]) == "rows"
+    assert calls[0][0] == ("tatsu-lab/alpaca",) and calls[0][1]["revision"] == "c" * 40
+
+
+def test_hub_commit_asks_the_hub_then_its_local_cache(make_recipe, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    recipe = make_recipe(datasets=[{"path": "org/set", "type": "alpaca"},
+                                   {"path": "org/set", "type": "alpaca", "revision": "a" * 40},
+                                   {"path": "org/set", "type": "alpaca", "revision": "v2"}])
+    online, pinned, tagged = recipe.datasets
+    asked = []
+
+    class Hub:
+        def dataset_info(self, repo_id, revision=None, timeout=None):
+            asked.append((repo_id, revision))
+            return type("Info", (), {"sha": "b" * 40})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    assert data.hub_commit(online) == "b" * 40 and data.hub_commit(pinned) == "a" * 40
+    assert asked == [("org/set", None)]  # a full commit needs no question
+
+    class Offline:
+        def dataset_info(self, *args, **kwargs):
+            raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert data.hub_commit(tagged) is None
+    refs = tmp_path / "hub" / "datasets--org--set" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "v2").write_text("d" * 40 + "\n")
+    assert data.hub_commit(tagged) == "d" * 40
+
+
+def test_file_url_loads_and_is_versioned_by_its_bytes(make_recipe, tmp_path):
+    path = write_jsonl(tmp_path / "remote" / "a.jsonl", ALPACA_ROWS)
+    write_jsonl(tmp_path / "remote" / "b.jsonl", ALPACA_ROWS[:1])
+    url = path.as_uri()
+    recipe = make_recipe(datasets=[{"path": url, "type": "alpaca"},
+                                   {"path": (tmp_path / "remote").as_uri(), "type": "alpaca",
+                                    "data_files": "b*.jsonl"}])
+    assert [r["output"] for r in load_rows(recipe, recipe.datasets[0])] == ["hi", "four"]
+    assert [r["output"] for r in load_rows(recipe, recipe.datasets[1])] == ["hi"]
+    before = data_fingerprint(recipe)
+    assert before["datasets"][0] == {"url": url, "files": {
+        url: "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()}}
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    assert data_fingerprint(recipe) == before
+    path.write_bytes(path.read_bytes().replace(b"four", b"fout"))
+    after = data_fingerprint(recipe)
+    assert after["datasets"][0] != before["datasets"][0]
+    assert after["datasets"][1] == before["datasets"][1]
+
+
+def test_store_checksums_stand_for_the_bytes(monkeypatch):
+    import fsspec
+
+    class Store:
+        def info(self, path):
+            return {"name": path, "size": 3, "ETag": '"abc"'}
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url: (Store(), url[5:]))
+    assert data.url_checksum("s3://bucket/x.jsonl") == 'ETag:"abc"'
+
+
+def test_url_errors_name_the_dataset(make_recipe, tmp_path):
+    recipe = make_recipe(datasets=[{"path": (tmp_path / "none.jsonl").as_uri(), "type": "alpaca"},
+                                   {"path": "nosuchprotocol://bucket/x.jsonl", "type": "alpaca"}])
+    with pytest.raises(ValueError, match=r"datasets\[0\] \(file://.*\): no file or folder"):
+        load_rows(recipe, recipe.datasets[0])
+    with pytest.raises(ValueError, match=r"datasets\[1\] .*: cannot open the URL"):
+        load_rows(recipe, recipe.datasets[1])
+
+
+def test_shards_keep_axolotls_shard_and_say_which_rows(make_recipe, tmp_path):
+    rows = [{"text": f"row {i}"} for i in range(20)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    kept = []
+    for index in range(3):
+        recipe = make_recipe(seed=5, datasets=[{"path": "t.jsonl", "type": "completion",
+                                                "shards": 3, "shards_idx": index}])
+        shard, numbers = data.load_numbered_rows(recipe, recipe.datasets[0])
+        # Axolotl: dataset.shuffle(seed=seed).shard(num_shards=shards, index=shards_idx)
+        expected = datasets.Dataset.from_list(rows).shuffle(seed=5).shard(3, index)
+        assert shard["text"] == expected["text"] == [f"row {n}" for n in numbers]
+        kept += numbers
+    assert sorted(kept) == list(range(20))
+    recipe = make_recipe(datasets=[{"path": "t.jsonl", "type": "completion"}])
+    whole, numbers = data.load_numbered_rows(recipe, recipe.datasets[0])
+    assert numbers is None and len(whole) == 20
+
+
+def test_locate_row_names_the_file_of_a_folder_row(make_recipe, tmp_path):
+    write_jsonl(tmp_path / "f" / "a.jsonl", ALPACA_ROWS)
+    write_jsonl(tmp_path / "f" / "b.jsonl", ALPACA_ROWS)
+    recipe = make_recipe(datasets=[{"path": "f", "type": "alpaca"}])
+    name, row = data.locate_row(recipe, recipe.datasets[0], 3)
+    assert (Path(name).name, row) == ("b.jsonl", 1)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet", ".arrow"])

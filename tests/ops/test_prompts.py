@@ -1,11 +1,14 @@
-"""Prompt strategies: the exact trained spans of hand-built rows, and parity with transformers."""
+"""Single-turn prompt strategies: the exact text and trained tokens of hand-built rows for alpaca,
+Axolotl's instruction family, the custom `type:` mapping, completion, input_output and
+pre-tokenized rows; row errors name file, row and field. Chat lives in test_prompts_chat.py."""
 
 from __future__ import annotations
 
 import pytest
+from prompts_support import assert_golden, encode, trained_spans
 
 from tunegraph.config import DatasetConfig
-from tunegraph.ops.prompts import IGNORE_INDEX, make_strategy, reference_answer
+from tunegraph.ops.prompts import IGNORE_INDEX, make_strategy, reference_answer, row_texts
 
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n### Instruction:\nWhat is the capital "
@@ -14,38 +17,17 @@ ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "provides further context. Write a response that appropriately completes the "
                      "request.\n\n### Instruction:\nadd two numbers\n\n### Input:\n2 and 2\n\n"
                      "### Response:\n")
-
+ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that "
+                 "provides further context. Write a response that appropriately completes the "
+                 "request.\n\n")
+ALPACA_SYSTEM_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
+                          "appropriately completes the request.\n\n")
+CONTEXT = "Use the following contextual information to concisely answer the question.\n"
 CONVERSATION = [{"role": "system", "content": "be brief"},
                 {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "hello there"},
                 {"role": "user", "content": "how are you"},
                 {"role": "assistant", "content": "fine thanks"}]
-
-# Gemma's layout: the assistant is "model" and turns end with <end_of_turn>, which is not EOS.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-
-
-def trained_spans(tokenizer, encoded: dict[str, list[int]]) -> list[str]:
-    """The decoded text of each run of consecutive trained tokens."""
-    assert len(encoded["input_ids"]) == len(encoded["labels"])
-    spans, run = [], []
-    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    return spans + ([tokenizer.decode(run)] if run else [])
-
-
-def encode(tokenizer, row, train_on_inputs=False, **dataset_keys):
-    dataset_cfg = DatasetConfig(path="data/rows.jsonl", **dataset_keys)
-    return make_strategy(tokenizer, dataset_cfg, train_on_inputs)(row, 7)
 
 
 def test_alpaca_without_input_trains_response_and_eos(tokenizer):
@@ -55,6 +37,7 @@ def test_alpaca_without_input_trains_response_and_eos(tokenizer):
     assert trained_spans(tokenizer, encoded) == ["paris</s>"]
     # One tokenization of the whole text, not prompt + response glued together.
     assert encoded["input_ids"][:-1] == tokenizer(ALPACA_NO_INPUT + "paris")["input_ids"]
+    assert_golden("alpaca", tokenizer, encoded)
 
 
 def test_alpaca_with_input(tokenizer):
@@ -63,6 +46,7 @@ def test_alpaca_with_input(tokenizer):
     assert tokenizer.decode(encoded["input_ids"]) == "<s>" + ALPACA_WITH_INPUT + "four</s>"
     assert trained_spans(tokenizer, encoded) == ["four</s>"]
     assert encoded["labels"][-1] == tokenizer.eos_token_id
+    assert_golden("alpaca_with_input", tokenizer, encoded)
 
 
 def test_alpaca_train_on_inputs_trains_everything(tokenizer):
@@ -72,100 +56,154 @@ def test_alpaca_train_on_inputs_trains_everything(tokenizer):
     assert trained_spans(tokenizer, encoded) == ["<s>" + ALPACA_WITH_INPUT + "four</s>"]
 
 
-@pytest.mark.parametrize("train_on_eos, expected", [
-    ("turn", ["hello there<|im_end|>", "fine thanks<|im_end|>"]),
-    ("last", ["hello there", "fine thanks<|im_end|>"]),
-    ("none", ["hello there", "fine thanks"]),
-    ("all", ["<|im_end|>", "<|im_end|>", "hello there<|im_end|>", "<|im_end|>",
-             "fine thanks<|im_end|>"]),
-])
-def test_chat_template_multi_turn(tokenizer, train_on_eos, expected):
-    encoded = encode(tokenizer, {"messages": CONVERSATION}, type="chat_template",
-                     train_on_eos=train_on_eos)
-    assert trained_spans(tokenizer, encoded) == expected
+# type, row, the prompt text Axolotl writes (hand-copied from its prompters), the trained text.
+INSTRUCTION_FAMILY = [
+    ("alpaca_chat", {"instruction": "add two numbers", "input": "2 and 2", "output": "four"},
+     ALPACA_SYSTEM + "USER: add two numbers\n2 and 2\nASSISTANT:", "four</s>"),
+    ("alpaca_chat", {"instruction": "hi", "response": "hello"},
+     ALPACA_SYSTEM_NO_INPUT + "USER: hi\nASSISTANT:", "hello</s>"),
+    ("alpaca_chat.load_qa", {"question": "what is the capital of france?", "answer": "paris"},
+     ALPACA_SYSTEM_NO_INPUT + "USER: what is the capital of france?\nASSISTANT:", "paris</s>"),
+    ("alpaca_w_system.load_open_orca",
+     {"system_prompt": "be brief", "question": "hi", "response": "hello"},
+     "### System:\nbe brief\n### Human:\nhi\n### Assistant:\n", "hello</s>"),
+    ("alpaca_w_system.load_open_orca", {"system_prompt": "", "question": "hi", "response": "hi"},
+     "### Human:\nhi\n### Assistant:\n", "hi</s>"),
+    ("jeopardy", {"question": "capital of france", "category": "the capital", "answer": "paris"},
+     ALPACA_SYSTEM + "### Instruction:\ncapital of france\n\n### Input:\nthe capital\n\n"
+                     "### Response:\n", "what is paris</s>"),
+    ("oasst", {"INSTRUCTION": "hi there", "RESPONSE": "hello"},
+     ALPACA_SYSTEM_NO_INPUT + "### Instruction:\nhi there\n\n### Response:\n", "hello</s>"),
+    ("gpteacher", {"instruction": "add two numbers", "input": "", "response": "four"},
+     ALPACA_SYSTEM_NO_INPUT + "### Instruction:\nadd two numbers\n\n### Response:\n", "four</s>"),
+    ("summarizetldr", {"article": "the cat sat on the mat", "summary": "cat sat"},
+     "USER: Summarize the following article as a TL;DR.\nthe cat sat on the mat\nASSISTANT:",
+     "cat sat</s>"),
+    ("context_qa", {"article": "paris is the capital", "question": "what is the capital?",
+                    "answer": "paris"},
+     CONTEXT + "USER: paris is the capital\n===\nwhat is the capital?\nASSISTANT:", "paris</s>"),
+    ("context_qa.load_v2", {"context": "paris is the capital", "question": "capital?",
+                            "answer": "paris"},
+     "Context: paris is the capital\nQuestion: capital?\n", "Answer: paris</s>"),
+    ("context_qa.load_404", {"article": "the cat sat", "unanswerable_question": "capital?"},
+     CONTEXT + "USER: the cat sat\n===\ncapital?\nASSISTANT:",
+     "The context provided does not contain any information about your inquiry. Therefore, "
+     "I'm unable to answer your question based on the given context.</s>"),
+    ("explainchoice", {"question": "capital of france?", "choices": ["paris", "rome"],
+                       "explanation": "paris is"},
+     "Choose the answer that best answers the question. Explain your reasoning.\n"
+     "### Instruction:\ncapital of france?\n\n### Input:\n- \"paris\"\n- \"rome\"\n\n"
+     "### Response:\n", "paris is</s>"),
+    ("concisechoice", {"question": "capital?", "choices": ["paris"], "solution": "paris"},
+     "Choose the answer that best answers the question. Be concise in your response.\n\n"
+     "USER: capital?\n- \"paris\"\nASSISTANT:", "paris</s>"),
+    ("metharme", {"prompt": "<|user|>hi<|model|>", "generation": "hello there"},
+     "<|user|>hi<|model|>", "hello there</s></s></s>"),
+]
 
 
-def test_chat_template_roles_mapping_and_custom_fields(tokenizer):
-    sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"},
-                {"from": "human", "value": "how are you"}, {"from": "gpt", "value": "fine thanks"}]
-    encoded = encode(tokenizer, {"conversations": sharegpt}, type="chat_template",
-                     field_messages="conversations", message_field_role="from",
-                     message_field_content="value",
-                     roles={"user": ["human"], "assistant": ["gpt"]})
-    assert trained_spans(tokenizer, encoded) == ["hello there<|im_end|>", "fine thanks<|im_end|>"]
-    assert "<|im_start|>user\nhi" in tokenizer.decode(encoded["input_ids"])
-
-
-def test_chat_template_roles_to_train_and_train_on_inputs(tokenizer):
-    encoded = encode(tokenizer, {"messages": CONVERSATION}, type="chat_template",
-                     roles_to_train=["user"])
-    assert trained_spans(tokenizer, encoded) == ["hi<|im_end|>", "how are you<|im_end|>"]
-    everything = encode(tokenizer, {"messages": CONVERSATION}, train_on_inputs=True,
-                        type="chat_template")
+@pytest.mark.parametrize("kind, row, prompt, trained", INSTRUCTION_FAMILY,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(INSTRUCTION_FAMILY)])
+def test_instruction_family(tokenizer, kind, row, prompt, trained):
+    encoded = encode(tokenizer, row, type=kind)
+    answer = trained.replace("</s>", "")
+    assert tokenizer.decode(encoded["input_ids"]) == "<s>" + prompt + trained
+    assert trained_spans(tokenizer, encoded) == [trained]
+    cfg = DatasetConfig(path="d", type=kind)
+    assert reference_answer(cfg, row) == (prompt, answer)
+    assert list(row_texts(cfg, row)) == [prompt + answer]
+    everything = encode(tokenizer, row, train_on_inputs=True, type=kind)
     assert everything["labels"] == everything["input_ids"]
 
 
-def test_gemma_style_end_of_turn_is_trained(tokenizer):
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>",
-                                                                "<end_of_turn>"]})
-    tokenizer.chat_template = GEMMA_TEMPLATE
-    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") != tokenizer.eos_token_id
-    encoded = encode(tokenizer, {"messages": CONVERSATION[1:]}, type="chat_template")
-    assert tokenizer.decode(encoded["input_ids"]).startswith("<s><start_of_turn>user\nhi")
-    assert trained_spans(tokenizer, encoded) == ["hello there<end_of_turn>",
-                                                 "fine thanks<end_of_turn>"]
+def test_instruction_family_goldens(tokenizer):
+    """Token-by-token goldens of a few family members (prompt/answer boundaries differ)."""
+    for kind, row, *_ in (INSTRUCTION_FAMILY[0], INSTRUCTION_FAMILY[5], INSTRUCTION_FAMILY[14]):
+        assert_golden(kind.replace(".", "_"), tokenizer, encode(tokenizer, row, type=kind))
 
 
-def test_chat_template_agrees_with_transformers_assistant_masks(tokenizer):
-    """transformers marks the {% generation %} block of our ChatML template, which covers the
-    content and its <|im_end|>: identical to train_on_eos turn; with train_on_eos none the masks
-    differ by exactly the <|im_end|> tokens."""
-    conversations = [CONVERSATION,
-                     [{"role": "user", "content": "what is the capital of france?"},
-                      {"role": "assistant", "content": " paris, the capital\n"}],
-                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}]]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for messages in conversations:
-        reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                  return_assistant_tokens_mask=True)
-        for train_on_eos in ("turn", "none"):
-            ours = encode(tokenizer, {"messages": messages}, type="chat_template",
-                          train_on_eos=train_on_eos)
-            assert ours["input_ids"] == reference["input_ids"]
-            ours_mask = [int(label != IGNORE_INDEX) for label in ours["labels"]]
-            expected = [m if train_on_eos == "turn" or token != im_end else 0
-                        for token, m in zip(reference["input_ids"], reference["assistant_masks"],
-                                               strict=True)]
-            assert ours_mask == expected
+def test_custom_type_mapping(tokenizer):
+    mapping = {"field_instruction": "q", "field_input": "ctx", "field_output": "a",
+               "field_system": "sys", "system_prompt": "be brief", "system_format": "[{system}] ",
+               "format": "Q: {instruction} C: {input} A:", "no_input_format": "Q: {instruction} A:"}
+    with_input = encode(tokenizer, {"q": "capital?", "ctx": "france", "a": " paris"}, type=mapping)
+    assert tokenizer.decode(with_input["input_ids"]) == (
+        "<s>[be brief] Q: capital? C: france A: paris</s>")
+    assert trained_spans(tokenizer, with_input) == [" paris</s>"]
+    assert_golden("custom_mapping", tokenizer, with_input)
+    own_system = encode(tokenizer, {"q": "hi", "a": " hello", "sys": "be kind"}, type=mapping)
+    assert tokenizer.decode(own_system["input_ids"]) == "<s>[be kind] Q: hi A: hello</s>"
+    assert trained_spans(tokenizer, own_system) == [" hello</s>"]
+    defaults = encode(tokenizer, {"instruction": "hi", "output": "hello"}, type={})
+    assert tokenizer.decode(defaults["input_ids"]) == "<s>hi  hello</s>"  # format, empty input
 
 
-def test_long_conversation_is_rendered_once(tokenizer, monkeypatch):
-    renders = []
-    render = tokenizer.apply_chat_template
-    monkeypatch.setattr(tokenizer, "apply_chat_template",
-                        lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs))
-    messages = [{"role": ("user", "assistant")[t % 2], "content": f"answer {t}"}
-                for t in range(400)]
-    encoded = encode(tokenizer, {"messages": messages}, type="chat_template")
-    assert renders == [1]
-    assert trained_spans(tokenizer, encoded) == [f"answer {t}<|im_end|>" for t in range(1, 400, 2)]
+@pytest.mark.parametrize("mapping, message", [
+    ({"format": "{instruction} {question}"}, "format: unknown placeholder(s) {question}"),
+    ({"no_input_format": "{instruction} {input}"}, "no_input_format: unknown placeholder(s) {input}"),
+    ({"format": "{input}"}, "format: must contain {instruction}"),
+    ({"format": "{instruction"}, "format: not a format string"),
+    ({"field_instruktion": "q"}, "field_instruktion: unknown key (did you mean "
+                                 "'field_instruction'?)"),
+])
+def test_custom_type_mapping_errors(mapping, message):
+    with pytest.raises(ValueError, match="datasets\\[\\].type"):
+        DatasetConfig(path="d", type=mapping)
+    with pytest.raises(ValueError) as error:
+        DatasetConfig(path="d", type=mapping)
+    assert message in str(error.value)
 
 
 def test_completion_trains_text_and_eos(tokenizer):
     encoded = encode(tokenizer, {"body": "the cat sat"}, type="completion", field="body")
     assert tokenizer.decode(encoded["input_ids"]) == "<s>the cat sat</s>"
     assert encoded["labels"] == encoded["input_ids"]
+    assert_golden("completion", tokenizer, encoded)
+
+
+def test_input_output_segments(tokenizer):
+    """Axolotl's template-free example: segments glued as they are, label false masked."""
+    row = {"segments": [{"label": True, "text": "<s>hello\n"}, {"label": True, "text": "hi there. "},
+                        {"label": False, "text": "what is "}, {"label": True, "text": "paris</s>"}]}
+    encoded = encode(tokenizer, row, type="input_output")
+    assert tokenizer.decode(encoded["input_ids"]) == "<s>hello\nhi there. what is paris</s>"
+    assert encoded["input_ids"][0] == tokenizer.bos_token_id  # the data's <s>, none added
+    # " what" starts with the trained segment's last space but ends in masked text: untrained.
+    assert trained_spans(tokenizer, encoded) == ["<s>hello\nhi there.", " paris</s>"]
+    assert_golden("input_output", tokenizer, encoded)
+    everything = encode(tokenizer, row, train_on_inputs=True, type="input_output")
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_pre_tokenized_rows_pass_through(tokenizer):
+    row = {"input_ids": [1, 50, 60, 2], "attention_mask": [1, 1, 1, 1],
+           "labels": [-100, -100, 60, 2]}
+    assert encode(tokenizer, row) == {"input_ids": [1, 50, 60, 2], "labels": [-100, -100, 60, 2]}
+    assert encode(tokenizer, {"input_ids": [1, 50]}) == {"input_ids": [1, 50], "labels": [1, 50]}
+    assert encode(tokenizer, row, train_on_inputs=True)["labels"] == [1, 50, 60, 2]
+    assert DatasetConfig(path="d").type is None  # Axolotl's empty `type:`
 
 
 @pytest.mark.parametrize("row, dataset_keys, message", [
     ({"instruction": "hi", "input": ""}, {"type": "alpaca"}, "field 'output' is missing"),
     ({"instruction": 3, "output": "x"}, {"type": "alpaca"}, "field 'instruction' must be a string"),
+    ({"question": "q"}, {"type": "jeopardy"}, "field 'category' is missing"),
+    ({"question": "q", "choices": "ab", "solution": "a"}, {"type": "explainchoice"},
+     "field 'choices' must be a list of strings"),
     ({"messages": [{"role": "user"}]}, {"type": "chat_template"},
      "field 'messages[0].content' is missing"),
     ({"messages": "hi"}, {"type": "chat_template"}, "field 'messages' is a str"),
     ({"messages": [{"role": "narrator", "content": "once"}]}, {"type": "chat_template"},
      "unknown role 'narrator'"),
     ({"content": "x"}, {"type": "completion"}, "field 'text' is missing"),
+    ({"segments": [{"text": "a", "label": "yes"}]}, {"type": "input_output"},
+     "field 'segments[0].label' must be true or false"),
+    ({"segments": [{"label": True}]}, {"type": "input_output"}, "field 'segments[0].text' is missing"),
+    ({"text": "x"}, {}, "field 'input_ids' is missing"),
+    ({"input_ids": [1, "a"]}, {}, "field 'input_ids' must be a list of integers"),
+    ({"input_ids": [1, 99999]}, {}, "holds 99999, outside the tokenizer's vocabulary"),
+    ({"input_ids": [1, 2], "labels": [1]}, {}, "field 'labels' has 1 values but 'input_ids' has 2"),
+    ({"input_ids": [1, 2], "labels": [1, -5]}, {}, "field 'labels' holds -5"),
 ])
 def test_bad_rows_name_dataset_row_and_field(tokenizer, row, dataset_keys, message):
     with pytest.raises(ValueError) as error:
@@ -175,19 +213,28 @@ def test_bad_rows_name_dataset_row_and_field(tokenizer, row, dataset_keys, messa
     assert message in str(error.value)
 
 
-def test_content_changed_by_template_is_reported(tokenizer):
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper "
-                               "+ '\n' }}{% endfor %}")
-    with pytest.raises(ValueError, match=r"row 7 .*content of message 0 \(user\) is not in"):
-        encode(tokenizer, {"messages": CONVERSATION[1:3]}, type="chat_template")
+def test_encode_batch_equals_one_row_at_a_time(tokenizer):
+    """Batching (one tokenizer call for many rows) changes nothing, and row errors keep their
+    row numbers."""
+    cfg = DatasetConfig(path="d.jsonl", type="alpaca")
+    strategy = make_strategy(tokenizer, cfg, train_on_inputs=False)
+    rows = [{"instruction": f"add {i} numbers", "output": "four" * i} for i in range(1, 6)]
+    assert strategy.encode_batch(rows, 10) == [strategy(row, 10 + i) for i, row in enumerate(rows)]
+    with pytest.raises(ValueError, match="row 12 "):
+        strategy.encode_batch([*rows[:2], {"instruction": "x"}], 10)
 
 
-def test_template_rejecting_a_row_is_a_row_error(tokenizer):
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                               "{{ raise_exception('no system role') }}{% endif %}"
-                               "{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ValueError, match="row 7 .*rejects this conversation: no system role"):
-        encode(tokenizer, {"messages": CONVERSATION}, type="chat_template")
+def test_dataset_type_choices():
+    assert DatasetConfig(path="d", type="my_transforms.to_chat").type == "my_transforms.to_chat"
+    with pytest.raises(ValueError, match="'alpaca_chat.load_camel_ai' is an Axolotl value that "
+                                         "tunegraph does not support yet"):
+        DatasetConfig(path="d", type="alpaca_chat.load_camel_ai")
+    with pytest.raises(ValueError, match="'chatml.intel' is an Axolotl value .*: a preference \\(rl:\\) format"):
+        DatasetConfig(path="d", type="chatml.intel")
+    with pytest.raises(ValueError, match="'llama3.foo' is an Axolotl value|unknown value 'llama3"):
+        DatasetConfig(path="d", type="llama3.foo")
+    with pytest.raises(ValueError, match="unknown value 'alpacka'"):
+        DatasetConfig(path="d", type="alpacka")
 
 
 def test_reference_answer():
@@ -199,3 +246,32 @@ def test_reference_answer():
     assert reference_answer(chat, {"messages": CONVERSATION}) == (CONVERSATION[:4], "fine thanks")
     assert reference_answer(chat, {"messages": CONVERSATION[:2]}) is None
     assert reference_answer(DatasetConfig(path="t", type="completion"), {"text": "x"}) is None
+    assert reference_answer(DatasetConfig(path="t"), {"input_ids": [1]}) is None
+
+
+def test_labels_are_minus_100_or_the_token(tokenizer):
+    for kind, row, *_ in INSTRUCTION_FAMILY:
+        encoded = encode(tokenizer, row, type=kind)
+        assert all(label in (IGNORE_INDEX, token)
+                   for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True))
+
+
+def test_char_index_and_offset_index_agree(tokenizer):
+    """The two ways of finding a span's tokens (Rust char -> token map; sorted offsets) agree,
+    BOS (added by the tokenizer, no characters) included."""
+    import random
+
+    from tunegraph.ops.prompts.common import OffsetIndex, TokenIndex
+
+    text = "the cat sat on the mat. what is the capital of france? paris, hello there"
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=True)
+    assert encoding.offsets[0] == (0, 0)  # <s>
+    by_char, by_offset = TokenIndex(encoding, len(text)), OffsetIndex(encoding.offsets)
+    rng = random.Random(0)
+    for _ in range(300):
+        start = rng.randrange(len(text) + 1)
+        end = rng.randrange(start, len(text) + 2)
+        tokens = by_char.ending_in(start, end)
+        assert tokens == by_offset.ending_in(start, end), (start, end)
+        assert all(start < encoding.offsets[k][1] <= end for k in tokens)
+

@@ -20,6 +20,7 @@ from tunegraph.config import Recipe, recipe_from_mapping
 from tunegraph.ops import stages
 from tunegraph.ops.artifacts import ArtifactStore
 from tunegraph.ops.base_model import build_tiny_model
+from tunegraph.ops.checkpoints import list_checkpoints
 from tunegraph.ops.data import iter_texts
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -105,7 +106,11 @@ def fake_work(monkeypatch):
     """Training, merging and evaluation replaced by stubs: these tests look at keys only."""
     def train(recipe, base_dir, tokenized_dir, out_dir, progress=None):
         (out_dir / "adapter").mkdir()
-        return {"num_steps": 0}
+        (out_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+        history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+        metrics = {"num_steps": 2}
+        (out_dir / "log.json").write_text(json.dumps({"metrics": metrics, "history": history}))
+        return metrics
 
     def merge_lora(recipe, base_dir, adapter_dir, out_dir):
         (out_dir / "model.safetensors").write_bytes(b"")
@@ -173,3 +178,39 @@ def test_one_data_byte_moves_tokenized_and_after(tmp_path, base):
     after = keys_of(run_all(make(tmp_path, **keys), store))
     expected = {"tokenized", "train", "merged", "evals"} | ({"base"} if base == "tiny" else set())
     assert changed(reference, after) == expected
+
+
+@pytest.mark.usefixtures("fake_work")
+def test_each_checkpoint_has_its_own_eval_key_and_final_is_the_merged_models(tmp_path):
+    """An eval's key holds the checkpoint's identity (train key, step); the final checkpoint's
+    key is the one an eval of the merged model gets (what `tunegraph stage evaluate` runs)."""
+    write_data(tmp_path)
+    recipe, store = make(tmp_path), ArtifactStore(tmp_path / "store")
+    results = run_all(recipe, store)
+    checkpoints = list_checkpoints(results["train"].artifact, recipe.name)
+    assert [(c.partition, c.step, c.loss) for c in checkpoints] == [("t__step-000001", 1, 2.0),
+                                                                    ("t__final", 2, 1.0)]
+    base, tokenized = results["base"].artifact, results["tokenized"].artifact
+    keys = [stages.eval_stage(recipe, store, base, tokenized, c).artifact.key for c in checkpoints]
+    assert len(set(keys)) == 2
+    assert keys[1] == results["evals"].artifact.key
+    assert stages.eval_stage(recipe, store, base, tokenized, checkpoints[1]).cache_hit
+
+
+def test_a_failed_training_keeps_its_checkpoints_for_the_next_attempt(tmp_path, monkeypatch):
+    write_data(tmp_path)
+    recipe, store = make(tmp_path), ArtifactStore(tmp_path / "store")
+    base = stages.base_model_stage(recipe, store, "tiny").artifact
+    tokenized = stages.tokenized_stage(recipe, store, base).artifact
+
+    def crash(recipe, base_dir, tokenized_dir, out_dir, progress=None):
+        (out_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(tunegraph.ops.train, "train", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        stages.train_stage(recipe, store, base, tokenized)
+    store.clean_partial()  # what removes crashed writes' temp folders leaves the work folder
+    kept = list(store.root.rglob("checkpoint-1"))
+    assert [k.relative_to(store.root).parts[:2] for k in kept] == [(stages.WORK, "adapters")]
+    assert not any((store.root / "adapters").glob("*/manifest.json"))  # nothing published

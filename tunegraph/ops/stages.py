@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from tunegraph import __version__
 from tunegraph.config import TINY_LLAMA, Recipe
 from tunegraph.config.schema import AdapterConcern, EvalConcern, TrainingConcern
 from tunegraph.ops.artifacts import Artifact, ArtifactStore
+from tunegraph.ops.checkpoints import Checkpoint, list_checkpoints, write_checkpoint_manifests
 from tunegraph.ops.hashing import hash_file, hash_json, list_files, short
 
 Progress = Callable[[str, int, int], None]
@@ -34,6 +37,8 @@ NOT_HASHED = frozenset({"output_dir", "logging_steps"})
 # Which model-loading keys change training (the base model's identity is its artifact key).
 MODEL_LOADING_KEYS = ("model_type", "attn_implementation", "flash_attention", "sdp_attention",
                       "trust_remote_code")
+# Beside the published artifacts: stages' working folders that must outlive a failed attempt.
+WORK = "_work"
 
 
 @dataclass
@@ -147,8 +152,16 @@ def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized:
     if found := store.get(kind, key):
         return StageResult(found, True, _read_json(found, "metrics.json"))
     with store.write(kind, key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
-        metrics = train(recipe, model_dir(base), tokenized.path, out, progress)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # Train in a folder named by the key, not in `out` (the store drops it on an error): a
+        # failed attempt's checkpoints stay there, and the next attempt resumes from the last.
+        work = work_dir(store, kind, key)
+        work.mkdir(parents=True, exist_ok=True)
+        metrics = train(recipe, model_dir(base), tokenized.path, work, progress)
+        write_checkpoint_manifests(work, key, kind)
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for child in sorted(work.iterdir()):
+            child.rename(out / child.name)  # same file system: moves, never copies weights
+    shutil.rmtree(work)
     artifact = store.get(kind, key)
     assert artifact is not None
     # Read back, so a miss reports exactly what a later hit will (JSON turns tuples into lists).
@@ -160,16 +173,22 @@ def trained_weights_dir(trained: Artifact) -> Path:
     return trained.path / ("adapter" if trained.kind == "adapters" else "model")
 
 
+def merge_inputs(base: Artifact, adapter_key: str) -> dict[str, Any]:
+    from tunegraph.ops.merge import MERGE_CODE_VERSION
+
+    return {"base_model": base.key, "adapter": adapter_key, "code": MERGE_CODE_VERSION}
+
+
 def merge_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, adapter: Artifact,
                 tokenized: Artifact) -> StageResult:
     """Merge a LoRA adapter; the metadata carries the base+adapter vs merged logit difference."""
-    from tunegraph.ops.merge import MERGE_CODE_VERSION, max_logit_difference, merge_lora
+    from tunegraph.ops.merge import max_logit_difference, merge_lora
     from tunegraph.ops.tokenize import load_tokenized
 
     if adapter.kind != "adapters":
         raise ValueError("adapter: merge-lora needs a LoRA recipe (adapter: lora); a full "
                          "fine-tune is already a complete model")
-    inputs = {"base_model": base.key, "adapter": adapter.key, "code": MERGE_CODE_VERSION}
+    inputs = merge_inputs(base, adapter.key)
     key = short(hash_json(inputs))
     if found := store.get("merged", key):
         return StageResult(found, True, _read_json(found, "checks.json"))
@@ -187,22 +206,86 @@ def merge_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, adapter: A
     return StageResult(artifact, False, checks)
 
 
-def eval_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized: Artifact,
-               trained_model: Artifact, progress: Progress | None = None) -> StageResult:
-    """Score base and trained model; `trained_model` is the merged model or a full fine-tune."""
-    from tunegraph.ops.evaluate import EVAL_CODE_VERSION, evaluate
+def work_dir(store: ArtifactStore, kind: str, key: str) -> Path:
+    """A stage's working folder for one key: stable across attempts, outside the artifacts."""
+    return store.root / WORK / kind / key
 
-    weights = (trained_model.path if trained_model.kind == "merged"
-               else trained_weights_dir(trained_model))
-    inputs = {"base_model": base.key, "tokenized": tokenized.key, "model": trained_model.key,
-              "keys": recipe.concern_values(EvalConcern),
-              "eval_batch_size": recipe.eval_batch_size or recipe.micro_batch_size,
-              "code": EVAL_CODE_VERSION}
+
+@contextmanager
+def _scorable_weights(recipe: Recipe, store: ArtifactStore, base: Artifact,
+                      checkpoint: Checkpoint) -> Iterator[Path]:
+    """A folder `from_pretrained` loads as the checkpoint's model: a full fine-tune's checkpoint
+    as it is; a LoRA checkpoint merged into the base weights in a scratch folder (PEFT
+    merge_and_unload; logits equal base+adapter within 1e-5), removed afterwards."""
+    if not checkpoint.is_adapter:
+        yield checkpoint.path
+        return
+    if checkpoint.final and (merged := store.get("merged", short(hash_json(
+            merge_inputs(base, checkpoint.train_key))))):
+        yield merged.path  # the merged_model asset's artifact: the same merge, done already
+        return
+    from tunegraph.ops.merge import merge_lora
+
+    scratch_root = store.root / WORK / "evals"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"merge-{checkpoint.key}-", dir=scratch_root))
+    try:
+        merge_lora(recipe, model_dir(base), checkpoint.path, scratch)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def eval_inputs(recipe: Recipe, base: Artifact, tokenized: Artifact,
+                checkpoint: Checkpoint) -> dict[str, Any]:
+    """What an eval's key hashes: the models (base, and the checkpoint by its identity), the
+    held-out rows, and every eval setting; the eval_scores asset's code version hashes the
+    last two of these, so a new eval setting re-runs evals and nothing upstream."""
+    from tunegraph.ops.eval_tasks import suite_fingerprint
+    from tunegraph.ops.evaluate import EVAL_CODE_VERSION
+
+    return {"base_model": base.key, "tokenized": tokenized.key, "checkpoint": checkpoint.identity,
+            "keys": recipe.concern_values(EvalConcern),
+            # Content hashes of eval_tasks files and lm-eval task folders/data: editing one
+            # re-runs evals.
+            "suite_files": suite_fingerprint(recipe),
+            "eval_batch_size": recipe.eval_batch_size or recipe.micro_batch_size,
+            "code": EVAL_CODE_VERSION}
+
+
+def final_checkpoint(recipe: Recipe, store: ArtifactStore, model: Artifact) -> Checkpoint:
+    """The final checkpoint of a training artifact, or of the adapter a merged model holds."""
+    if model.kind != "merged":
+        return list_checkpoints(model, recipe.name)[-1]
+    adapter_key = model.manifest["inputs"]["adapter"]
+    adapter = store.get("adapters", adapter_key)
+    if adapter is None:
+        raise ValueError(f"{model.path}: merged from adapter {adapter_key}, which is not in the "
+                         f"artifact store {store.root}; train it first")
+    return list_checkpoints(adapter, recipe.name)[-1]
+
+
+def eval_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized: Artifact,
+               checkpoint: Checkpoint | Artifact, progress: Progress | None = None
+               ) -> StageResult:
+    """Score the base model and one checkpoint (a saved step, or the final adapter/model).
+
+    An artifact (trained, or merged) stands for its final checkpoint: the key is the one the
+    eval_scores asset's `<recipe>__final` partition gets."""
+    from tunegraph.ops.evaluate import evaluate
+
+    if isinstance(checkpoint, Artifact):
+        checkpoint = final_checkpoint(recipe, store, checkpoint)
+    inputs = eval_inputs(recipe, base, tokenized, checkpoint)
     key = short(hash_json(inputs))
     if found := store.get("evals", key):
         return StageResult(found, True, json.loads((found.path / "scores.json").read_text()))
-    with store.write("evals", key, {"recipe": _resolved_recipe(recipe), "inputs": inputs}) as out:
-        scores = evaluate(recipe, model_dir(base), weights, tokenized.path, progress)
+    manifest = {"recipe": _resolved_recipe(recipe), "inputs": inputs,
+                "checkpoint": {k: v for k, v in checkpoint.manifest().items()
+                               if k not in ("recipe", "partition")}}
+    with store.write("evals", key, manifest) as out:
+        with _scorable_weights(recipe, store, base, checkpoint) as weights:
+            scores = evaluate(recipe, model_dir(base), weights, tokenized.path, progress)
         (out / "scores.json").write_text(json.dumps(scores, indent=2))
     artifact = store.get("evals", key)
     assert artifact is not None

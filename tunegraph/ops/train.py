@@ -5,6 +5,8 @@
 
 setup (model, adapter, data, arguments) → train → save. The trained adapter (or full model) is
 written to `out_dir/adapter` (or `out_dir/model`), with the per-step log in `out_dir/log.json`.
+Checkpoints go to `out_dir/checkpoints/checkpoint-<step>`; when `out_dir` already holds one (left
+by a failed attempt), training resumes from the last instead of starting over.
 Recipe keys reach transformers through `training_arguments` (one key, one argument) and
 `training_callbacks` (early stopping, the loss watchdog).
 """
@@ -28,12 +30,16 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from tunegraph.config import Recipe
 from tunegraph.ops.base_model import load_model, load_tokenizer
+from tunegraph.ops.packed_attention import PackedCollator
+from tunegraph.ops.stream import PretrainingStream, is_stream
 from tunegraph.ops.tokenize import load_tokenized
 
-TRAIN_CODE_VERSION = "1"
+# 2: checkpoints carry the tokenizer and a manifest each, and the artifact a checkpoints.json.
+TRAIN_CODE_VERSION = "2"
 Progress = Callable[[str, int, int], None]
 
 
@@ -88,8 +94,35 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collator_for(recipe: Recipe, pad_token_id: int) -> PadCollator:
-    return PadCollator(pad_token_id, recipe.sequence_len if recipe.pad_to_sequence_len else None)
+def collator_for(recipe: Recipe, pad_token_id: int, attn_implementation: str | None = None
+                 ) -> PadCollator | PackedCollator:
+    """PadCollator, or with sample_packing (or a pretraining stream) the PackedCollator, whose
+    batches keep attention inside each document for `attn_implementation`."""
+    pad_to = recipe.sequence_len if recipe.pad_to_sequence_len else None
+    if recipe.sample_packing or recipe.packs_eval or recipe.pretraining_dataset:
+        return PackedCollator(pad_token_id, attn_implementation, pad_to)
+    return PadCollator(pad_token_id, pad_to)
+
+
+def training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, tokenized_dir: Path
+                  ) -> tuple[Any, Any, int]:
+    """(training rows, held-out rows to evaluate on or None, training rows per epoch).
+
+    A pretraining stream's rows are tokenized as training reads them, and its "epoch" is
+    max_steps; held-out rows are the packed ones with eval_sample_packing."""
+    if is_stream(tokenized_dir):
+        train_rows: Any = PretrainingStream(recipe, tokenizer, tokenized_dir)
+        assert recipe.max_steps is not None, "the schema requires max_steps for streams"
+        num_rows = recipe.max_steps * recipe.micro_batch_size * recipe.gradient_accumulation_steps
+    else:
+        train_rows = load_tokenized(tokenized_dir, "train")
+        num_rows = len(train_rows)
+        if num_rows == 0:
+            raise ValueError("datasets: the tokenized training split is empty")
+    val_rows = load_tokenized(tokenized_dir, "validation").remove_columns(["reference"])
+    if recipe.packs_eval and len(val_rows):
+        val_rows = load_tokenized(tokenized_dir, "validation_packed")
+    return train_rows, val_rows if len(val_rows) else None, num_rows
 
 
 class ProgressCallback(TrainerCallback):
@@ -197,6 +230,8 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
         save_total_limit=recipe.save_total_limit,
         eval_strategy=eval_strategy, eval_steps=eval_steps,
         logging_steps=recipe.logging_steps, logging_first_step=True,
+        # Log a NaN/inf loss as it is (transformers' default logs it as 0.0 and hides divergence).
+        logging_nan_inf_filter=False,
         tf32=recipe.tf32, gradient_checkpointing=recipe.gradient_checkpointing,
         gradient_checkpointing_kwargs=recipe.gradient_checkpointing_kwargs,
         train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
@@ -236,18 +271,20 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
           progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune the base model on the tokenized data; returns the metrics written to log.json."""
     model, tokenizer = prepare_model(recipe, base_dir)
-    train_rows = load_tokenized(tokenized_dir, "train")
-    val_rows = load_tokenized(tokenized_dir, "validation")
-    if len(train_rows) == 0:
-        raise ValueError("datasets: the tokenized training split is empty")
-    args = training_arguments(recipe, out_dir, len(train_rows), len(val_rows) > 0)
+    train_rows, val_rows, num_train_rows = training_data(recipe, tokenizer, tokenized_dir)
+    args = training_arguments(recipe, out_dir, num_train_rows, val_rows is not None)
     callback = ProgressCallback(progress)
     extra_callbacks = training_callbacks(recipe)
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows,
-                      eval_dataset=val_rows.remove_columns(["reference"]) if len(val_rows) else None,
-                      data_collator=collator_for(recipe, tokenizer.pad_token_id),
-                      callbacks=[callback, *extra_callbacks])
-    result = trainer.train()
+    collator = collator_for(recipe, tokenizer.pad_token_id, model.config._attn_implementation)
+    # processing_class: each checkpoint gets the tokenizer too, so it loads (and evaluates) alone.
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
+                      data_collator=collator, callbacks=[callback, *extra_callbacks],
+                      processing_class=tokenizer)
+    # A checkpoint left in out_dir by a failed attempt: resume from it (weights, optimizer,
+    # scheduler, RNG and data position), so a retry continues instead of starting over.
+    checkpoint_dir = Path(args.output_dir)
+    resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume_from)
     for extra in extra_callbacks:
         if isinstance(extra, LossWatchdogCallback):
             extra.raise_if_tripped()
@@ -255,18 +292,22 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
     final_dir = out_dir / ("adapter" if recipe.is_lora else "model")
     trainer.model.save_pretrained(final_dir, safe_serialization=True)
     tokenizer.save_pretrained(final_dir)
-    losses = [(h["step"], h["loss"]) for h in callback.history if "loss" in h]
+    # The Trainer's log history, not the callback's: after a resume it holds the steps logged
+    # before the checkpoint too (read back from its trainer_state.json).
+    history = trainer.state.log_history
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     metrics = {
         "num_steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss,  # after a resume: of the resumed steps only (HF)
+        "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
         "first_loss": losses[0][1] if losses else None,
         "last_loss": losses[-1][1] if losses else None,
         "losses": losses,
-        "eval_losses": [(h["step"], h["eval_loss"]) for h in callback.history if "eval_loss" in h],
+        "eval_losses": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
         "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*")),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
-    (out_dir / "log.json").write_text(json.dumps({"metrics": metrics,
-                                                  "history": callback.history}, indent=2))
+    (out_dir / "log.json").write_text(json.dumps({"metrics": metrics, "history": history},
+                                                 indent=2))
     return metrics
