@@ -1,20 +1,40 @@
-"""A real `tunegraph dev` (Dagster webserver + daemon) for tests, and GraphQL helpers."""
+"""A real `tunegraph dev` (Dagster webserver + daemon) for tests, GraphQL helpers (runs,
+backfills, sensors), and the quickstart recipe shrunk to train in seconds."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+import yaml
+
+from tests_support import EXAMPLES
 
 STARTUP_TIMEOUT_S = 300
+# Backfill statuses after which the daemon launches nothing more (Dagster's BulkActionStatus).
+BACKFILL_DONE = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
+
+
+def write_tiny_quickstart(folder: Path) -> Path:
+    """The quickstart recipe and data in `folder`, at a size that trains in seconds: 20 steps,
+    a checkpoint at step 10 (partitions quickstart__step-000010 and quickstart__final)."""
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "data" / "quickstart.jsonl", folder / "data")
+    recipe = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    recipe.update(max_steps=20, save_steps=10, eval_generation_rows=8,
+                  output_dir=str(folder / "outputs"))
+    path = folder / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 def free_port() -> int:
@@ -89,13 +109,18 @@ mutation Launch($params: ExecutionParams!) {
 }"""
 
 
+def repository_selector(port: int) -> dict[str, str]:
+    """The server's (first) repository, as GraphQL selectors name it."""
+    repos = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
+                          "location { name } } } } }")["repositoriesOrError"]["nodes"]
+    return {"repositoryLocationName": repos[0]["location"]["name"],
+            "repositoryName": repos[0]["name"]}
+
+
 def launch_assets(port: int, asset_paths: list[list[str]], partition: str | None = None) -> str:
     """Launch a run materializing the given assets (one partition of them, if given), as the UI's
     Materialize button does."""
-    repos = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
-                          "location { name } } } } }")["repositoriesOrError"]["nodes"]
-    params = {"selector": {"repositoryLocationName": repos[0]["location"]["name"],
-                           "repositoryName": repos[0]["name"], "jobName": "__ASSET_JOB",
+    params = {"selector": {**repository_selector(port), "jobName": "__ASSET_JOB",
                            "assetSelection": [{"path": p} for p in asset_paths]},
               "runConfigData": {}}
     if partition:
@@ -103,3 +128,106 @@ def launch_assets(port: int, asset_paths: list[list[str]], partition: str | None
     launched = graphql(port, LAUNCH, {"params": params})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
+
+
+LAUNCH_BACKFILL = """
+mutation Backfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on PartitionKeysNotFoundError { message }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
+
+
+def launch_backfill(port: int, asset_paths: list[list[str]],
+                    partitions: Sequence[str] | None = None, title: str | None = None) -> str:
+    """Start an asset backfill of the given (partitioned) assets over `partitions`, or over all
+    their partitions, as the UI's Materialize dialog does; the daemon launches its runs.
+    Returns the backfill id."""
+    params: dict = {"assetSelection": [{"path": p} for p in asset_paths], "title": title}
+    if partitions is None:
+        params["allPartitions"] = True
+    else:
+        params["partitionNames"] = list(partitions)
+    launched = graphql(port, LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    return launched["backfillId"]
+
+
+BACKFILL = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill {
+      status
+      partitionNames
+      assetBackfillData {
+        assetBackfillStatuses {
+          ... on AssetPartitionsStatusCounts {
+            assetKey { path } numPartitionsTargeted numPartitionsInProgress
+            numPartitionsMaterialized numPartitionsFailed
+          }
+          ... on UnpartitionedAssetStatus { assetKey { path } inProgress materialized failed }
+        }
+      }
+      runs { runId status tags { key value } }
+    }
+    ... on PythonError { message }
+    ... on BackfillNotFoundError { message }
+  }
+}"""
+
+
+def backfill_state(port: int, backfill_id: str) -> dict:
+    """The backfill's status, partition names, per-asset counts and runs (with their tags)."""
+    state = graphql(port, BACKFILL, {"id": backfill_id})["partitionBackfillOrError"]
+    assert state["__typename"] == "PartitionBackfill", state
+    return state
+
+
+def wait_for_backfill(port: int, backfill_id: str, timeout_s: float = 900) -> dict:
+    """Poll a backfill until the daemon is done with it and none of its runs is still going;
+    returns its last `backfill_state`."""
+    deadline = time.monotonic() + timeout_s
+    state = None
+    while time.monotonic() < deadline:
+        state = backfill_state(port, backfill_id)
+        if state["status"] in BACKFILL_DONE and all(
+                r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in state["runs"]):
+            return state
+        time.sleep(3)
+    raise TimeoutError(f"backfill {backfill_id} still {state and state['status']} after "
+                       f"{timeout_s} s: {state}")
+
+
+SENSOR = """
+query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { sensorState { id status } }
+  }
+}"""
+STOP_SENSOR = """
+mutation Stop($id: String!) {
+  stopSensor(id: $id) {
+    __typename
+    ... on StopSensorMutationResult { instigationState { status } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def stop_sensor(port: int, name: str) -> None:
+    """Switch a sensor off, as its toggle under Automation does (a test that launches its own
+    runs keeps a sensor from launching the same ones)."""
+    sensor = graphql(port, SENSOR, {"selector": {**repository_selector(port),
+                                                 "sensorName": name}})["sensorOrError"]
+    assert sensor["__typename"] == "Sensor", sensor
+    stopped = graphql(port, STOP_SENSOR, {"id": sensor["sensorState"]["id"]})["stopSensor"]
+    assert stopped["__typename"] == "StopSensorMutationResult", stopped
+    assert stopped["instigationState"]["status"] == "STOPPED", stopped

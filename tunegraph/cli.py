@@ -3,6 +3,7 @@
     tunegraph validate RECIPE [--key value ...]     check a recipe, run nothing
     tunegraph plan RECIPE [--json]                  the asset keys and their dependencies
     tunegraph materialize RECIPE [--select KEY]     run the recipe's assets through Dagster
+        [--launcher torchrun --num-processes 2]     train on 2 processes (FSDP/DeepSpeed keys)
     tunegraph preprocess|train|merge-lora|evaluate RECIPE   one asset and what it needs
     tunegraph backfill-evals RECIPE [--checkpoints KEY ...] [--submit]   evals per checkpoint
     tunegraph dev [--recipes DIR]                   Dagster UI + daemon on 127.0.0.1
@@ -61,8 +62,32 @@ def _asset_key(recipe: Recipe, name: str):
     return trained_key(recipe) if name == "trained" else recipe_key(recipe, name)
 
 
+def launch_options(command):
+    """--launcher / --num-processes: how training runs (the Dagster `launcher` resource)."""
+    command = click.option("--num-processes", type=click.IntRange(1), default=None,
+                           help="Processes (GPUs) to train on; more than 1 implies "
+                                "--launcher torchrun. Default $TUNEGRAPH_NUM_PROCESSES or 1.")(command)
+    return click.option("--launcher", type=click.Choice(["python", "torchrun", "accelerate"]),
+                        default=None, help="Train in this process (python) or on several "
+                                           "(torchrun, accelerate launch). Default "
+                                           "$TUNEGRAPH_LAUNCHER or python.")(command)
+
+
+def _launcher(launcher: str | None, num_processes: int | None):
+    from tunegraph.resources import LauncherResource
+
+    settings = {k: v for k, v in (("launcher", launcher), ("num_processes", num_processes))
+                if v is not None}
+    try:
+        resource = LauncherResource(**settings)
+        resource.spec()  # a bad launcher/process count fails here, named
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return resource
+
+
 def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool,
-                    checkpoints: tuple[str, ...] = ()) -> bool:
+                    checkpoints: tuple[str, ...] = (), launcher=None) -> bool:  # noqa: ANN001
     """Materialize the recipe's assets (or the selection) on the embedded instance: the
     unpartitioned ones, then eval_scores per checkpoint (all, or `checkpoints`), then reports."""
     from dagster import AssetSelection
@@ -99,8 +124,8 @@ def run_materialize(recipe: Recipe, select: tuple[str, ...], with_upstream: bool
         chosen = (lambda: resolve_checkpoints(recipe, instance, checkpoints)) if checkpoints \
             else None
         # With the asset checks: a failed blocking check stops what is downstream of it.
-        outcome = materialize_in_order(assets + checks_for([recipe]), instance, resources(), keys,
-                                       run_config, chosen)
+        outcome = materialize_in_order(assets + checks_for([recipe]), instance,
+                                       resources(launcher=launcher), keys, run_config, chosen)
     except ValueError as exc:  # nothing to evaluate yet, or an unknown --checkpoints key
         raise click.ClickException(str(exc)) from None
     for result in outcome.results:
@@ -170,24 +195,29 @@ def plan(ctx: click.Context, recipe: str, as_json: bool) -> None:
 @click.argument("recipe", type=click.Path())
 @click.option("--select", "select", multiple=True, help="Asset key (or its last part); repeat.")
 @click.option("--with-upstream", is_flag=True, help="Also materialize what the selection needs.")
+@launch_options
 @click.pass_context
 def materialize(ctx: click.Context, recipe: str, select: tuple[str, ...],
-                with_upstream: bool) -> None:
+                with_upstream: bool, launcher: str | None, num_processes: int | None) -> None:
     """Materialize RECIPE's assets through Dagster (cached stages return at once)."""
-    if not run_materialize(_load(recipe, ctx.args), select, with_upstream):
+    if not run_materialize(_load(recipe, ctx.args), select, with_upstream,
+                           launcher=_launcher(launcher, num_processes)):
         sys.exit(1)
 
 
 def _verb(name: str, target: str, doc: str) -> None:
     @main.command(name=name, context_settings=OVERRIDABLE, help=doc)
     @click.argument("recipe", type=click.Path())
+    @launch_options
     @click.pass_context
-    def command(ctx: click.Context, recipe: str) -> None:
+    def command(ctx: click.Context, recipe: str, launcher: str | None,
+                num_processes: int | None) -> None:
         loaded = _load(recipe, ctx.args)
         if target == "merged_model" and not loaded.is_lora:
             raise click.ClickException(f"recipe {loaded.name} is a full fine-tune (adapter is not "
                                        f"lora): there is no adapter to merge")
-        if not run_materialize(loaded, (target,), with_upstream=True):
+        if not run_materialize(loaded, (target,), with_upstream=True,
+                               launcher=_launcher(launcher, num_processes)):
             sys.exit(1)
 
 

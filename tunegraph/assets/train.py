@@ -28,9 +28,10 @@ from tunegraph.assets.common import (
 from tunegraph.config import Recipe
 from tunegraph.ops.artifacts import Artifact
 from tunegraph.ops.hashing import hash_json, short
+from tunegraph.ops.launch import LaunchError
 from tunegraph.ops.stages import export, train_stage, training_key_values
 from tunegraph.ops.train import TRAIN_CODE_VERSION, LossWatchdogError
-from tunegraph.resources import ArtifactStoreResource
+from tunegraph.resources import ArtifactStoreResource, LauncherResource
 
 # For what goes away on its own: a preempted node, a lost GPU, a killed process. Mistakes in the
 # recipe or data (ValueError) and a tripped loss watchdog would fail the same way again, so they
@@ -49,15 +50,19 @@ def train_asset(recipe: Recipe, retry_policy: RetryPolicy = TRAIN_RETRY_POLICY) 
            description=f"The {what}; its checkpoints become `{recipe.name}/checkpoints` "
                        f"partitions.")
     def _train(context: AssetExecutionContext, artifact_store: ArtifactStoreResource,
-               base_model: Artifact, tokenized_dataset: Artifact):
+               launcher: LauncherResource, base_model: Artifact, tokenized_dataset: Artifact):
         if context.retry_number:
             context.log.info(f"attempt {context.retry_number + 1}: resuming from the last "
                              f"checkpoint the failed attempt saved, if any")
         try:
             result = train_stage(recipe, artifact_store.store(), base_model, tokenized_dataset,
-                                 progress_logger(context))
+                                 progress_logger(context), launcher.for_asset(context))
         except (ValueError, LossWatchdogError) as exc:
             raise Failure(str(exc), allow_retries=False) from exc
+        except LaunchError as exc:
+            # A rank's recipe or data mistake fails the same way again; a killed rank may not.
+            retry = exc.exception_type not in ("ValueError", "LossWatchdogError")
+            raise Failure(str(exc), allow_retries=retry) from exc
         checkpoints = register_checkpoints(context, recipe, result.artifact)
         exported = export(recipe, result.artifact)
         metrics = result.metadata
@@ -68,6 +73,7 @@ def train_asset(recipe: Recipe, retry_policy: RetryPolicy = TRAIN_RETRY_POLICY) 
             "last_loss": metrics.get("last_loss"),
             "resumed_from_step": metrics.get("resumed_from_step"),
             "trainable_parameters": metrics.get("trainable_parameters"),
+            "world_size": metrics.get("world_size", 1),  # processes that trained it
             "loss_curve": MetadataValue.md("| step | loss |\n|---|---|\n" + "\n".join(
                 f"| {step} | {loss:.4f} |" for step, loss in losses)),
             "checkpoints": MetadataValue.md("\n".join(f"- `{c.partition}` (step {c.step})"

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+
+from tunegraph.config.base import StrictModel
+from tunegraph.config.distributed import DistributedConcern
+from tunegraph.config.kernels import KernelsConcern
 
 TINY_LLAMA = "tunegraph:tiny-llama"
 
@@ -86,13 +90,6 @@ def check_choice(key: str, value: str, supported: tuple[str, ...], axolotl_only:
         raise ValueError(f"{key}: '{value}' is an Axolotl value that tunegraph does not support yet "
                          f"(supported: {listed})")
     raise ValueError(f"{key}: unknown value '{value}' (supported: {listed})")
-
-
-class StrictModel(BaseModel):
-    """Unknown keys are rejected by `tunegraph.config.loader` before pydantic sees them, with a
-    "did you mean"; `extra='forbid'` is the backstop for code that builds recipes directly."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class TinyModelConfig(StrictModel):
@@ -590,8 +587,9 @@ class AdapterConcern(StrictModel):
         return self
 
 
-class TrainingConcern(StrictModel):
-    """The optimisation: batch, schedule, precision, checkpoints."""
+class TrainingConcern(KernelsConcern):
+    """The optimisation: batch, schedule, precision, checkpoints; and the kernels (they change
+    training's numbers within rounding, so the training stage hashes them too)."""
 
     micro_batch_size: int = Field(1, ge=1, description="int, default 1: rows per device step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="int, default 1: micro-batches "
@@ -946,12 +944,12 @@ class OperationsConcern(StrictModel):
 
 
 CONCERNS: tuple[type[StrictModel], ...] = (ModelConcern, TokenizerConcern, DataConcern,
-                                           AdapterConcern, TrainingConcern, EvalConcern,
-                                           OperationsConcern)
+                                           AdapterConcern, TrainingConcern,
+                                           DistributedConcern, EvalConcern, OperationsConcern)
 
 
 class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, TrainingConcern,
-             EvalConcern, OperationsConcern):
+             DistributedConcern, EvalConcern, OperationsConcern):
     """A whole recipe: Axolotl's flat key space, typed per concern. Build it with
     `tunegraph.config.load_recipe`, which also sets `name` and `source_path`."""
 

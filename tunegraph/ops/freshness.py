@@ -24,6 +24,7 @@ from tunegraph.config import Recipe
 from tunegraph.ops.artifacts import Artifact, ArtifactStore
 from tunegraph.ops.data import local_files, resolve_data_path
 from tunegraph.ops.hashing import hash_file
+from tunegraph.ops.launch import Launcher, LaunchSpec
 
 
 class WouldCompute(Exception):
@@ -57,10 +58,12 @@ class StageProbe:
     stored: bool
 
 
-def probe_stages(recipe: Recipe, store: ArtifactStore, slug: str) -> list[StageProbe]:
+def probe_stages(recipe: Recipe, store: ArtifactStore, slug: str,
+                 launch: LaunchSpec | None = None) -> list[StageProbe]:
     """Probe the recipe's stages in dependency order. eval_scores gets one probe per checkpoint
     of the current training artifact, and none while training would compute: its checkpoints
-    (the partitions) do not exist yet."""
+    (the partitions) do not exist yet. `launch`: how training would run (its process count is
+    part of the training key)."""
     from tunegraph.ops.checkpoints import list_checkpoints
     from tunegraph.ops.stages import (
         base_model_stage,
@@ -88,7 +91,10 @@ def probe_stages(recipe: Recipe, store: ArtifactStore, slug: str) -> list[StageP
 
     base = probe("base_model", lambda r, s: base_model_stage(r, s, slug))
     tokenized = probe("tokenized_dataset", tokenized_stage, base)
-    trained = probe("adapter" if recipe.is_lora else "model", train_stage, base, tokenized)
+    trained = probe("adapter" if recipe.is_lora else "model",
+                    lambda r, s, b, t: train_stage(r, s, b, t, launcher=Launcher(launch or
+                                                                              LaunchSpec())),
+                    base, tokenized)
     if recipe.is_lora:
         probe("merged_model", merge_stage, base, trained, tokenized)
     if recipe.val_set_size > 0 and trained is not None:

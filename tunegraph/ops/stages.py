@@ -20,10 +20,17 @@ from typing import Any
 
 from tunegraph import __version__
 from tunegraph.config import TINY_LLAMA, Recipe
-from tunegraph.config.schema import AdapterConcern, EvalConcern, TrainingConcern
+from tunegraph.config.schema import (
+    AdapterConcern,
+    DistributedConcern,
+    EvalConcern,
+    TrainingConcern,
+)
 from tunegraph.ops.artifacts import Artifact, ArtifactStore
 from tunegraph.ops.checkpoints import Checkpoint, list_checkpoints, write_checkpoint_manifests
+from tunegraph.ops.distributed import deepspeed_fingerprint
 from tunegraph.ops.hashing import hash_file, hash_json, list_files, short
+from tunegraph.ops.launch import Launcher
 
 Progress = Callable[[str, int, int], None]
 # Bump when the built model or its tokenizer changes for the same inputs (2: tokenizer learns
@@ -137,16 +144,28 @@ def _read_json(artifact: Artifact, name: str) -> dict[str, Any]:
 def training_key_values(recipe: Recipe) -> dict[str, Any]:
     values = recipe.concern_values(AdapterConcern, TrainingConcern)
     values.update({k: getattr(recipe, k) for k in MODEL_LOADING_KEYS})
+    # Sharding keys only when set, so single-process recipes keep the keys they had.
+    values.update({k: v for k, v in recipe.concern_values(DistributedConcern).items()
+                   if v is not None})
+    if recipe.deepspeed:
+        values["deepspeed_config"] = deepspeed_fingerprint(recipe)  # the JSON's content
     return {k: v for k, v in values.items() if k not in NOT_HASHED}
 
 
 def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized: Artifact,
-                progress: Progress | None = None) -> StageResult:
-    from tunegraph.ops.train import TRAIN_CODE_VERSION, train
+                progress: Progress | None = None, launcher: Launcher | None = None
+                ) -> StageResult:
+    """Train (or return the cached training of the same inputs). `launcher` runs it on several
+    processes; their number is part of the key (the global batch is micro_batch_size x
+    gradient_accumulation_steps x processes)."""
+    from tunegraph.ops.train import TRAIN_CODE_VERSION
 
+    launcher = launcher or Launcher()
     inputs = {"base_model": base.key, "tokenized": tokenized.key,
               "keys": training_key_values(recipe), "code": TRAIN_CODE_VERSION,
               "tunegraph": __version__}
+    if launcher.spec.world_size > 1:
+        inputs["world_size"] = launcher.spec.world_size
     kind = "adapters" if recipe.is_lora else "models"
     key = short(hash_json(inputs))
     if found := store.get(kind, key):
@@ -156,7 +175,7 @@ def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized:
         # failed attempt's checkpoints stay there, and the next attempt resumes from the last.
         work = work_dir(store, kind, key)
         work.mkdir(parents=True, exist_ok=True)
-        metrics = train(recipe, model_dir(base), tokenized.path, work, progress)
+        metrics = launcher.train(recipe, model_dir(base), tokenized.path, work, progress)
         write_checkpoint_manifests(work, key, kind)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for child in sorted(work.iterdir()):

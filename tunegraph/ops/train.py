@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from tunegraph.config import Recipe
 from tunegraph.ops.base_model import load_model, load_tokenizer
+from tunegraph.ops.distributed import sharding_arguments
 from tunegraph.ops.packed_attention import PackedCollator
 from tunegraph.ops.stream import PretrainingStream, is_stream
 from tunegraph.ops.tokenize import load_tokenized
@@ -239,7 +240,7 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
         ddp_find_unused_parameters=recipe.ddp_find_unused_parameters,
         report_to="none", remove_unused_columns=recipe.remove_unused_columns,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
-        **mixed_precision(recipe), **optional,
+        **mixed_precision(recipe), **optional, **sharding_arguments(recipe),
     )
 
 
@@ -260,6 +261,10 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe, base_dir)
     model = load_model(recipe, base_dir)
+    if (kernels := recipe.kernel_options()).any_on:  # before LoRA: the patches see HF's modules
+        from tunegraph.kernels import apply_kernels  # triton is imported only when asked for
+
+        apply_kernels(model, kernels)
     if recipe.gradient_checkpointing:
         model.config.use_cache = False
     if recipe.is_lora:
@@ -290,8 +295,12 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
             extra.raise_if_tripped()
 
     final_dir = out_dir / ("adapter" if recipe.is_lora else "model")
-    trainer.model.save_pretrained(final_dir, safe_serialization=True)
-    tokenizer.save_pretrained(final_dir)
+    # save_model gathers FSDP/DeepSpeed shards into one state dict and writes on rank 0 only
+    # (in one process it is save_pretrained with safetensors).
+    trainer.save_model(str(final_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final_dir)
+        (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; log.json says it
     # The Trainer's log history, not the callback's: after a resume it holds the steps logged
     # before the checkpoint too (read back from its trainer_state.json).
     history = trainer.state.log_history
@@ -306,8 +315,10 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
         "eval_losses": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
         "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*")),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "world_size": args.world_size,
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
-    (out_dir / "log.json").write_text(json.dumps({"metrics": metrics, "history": history},
-                                                 indent=2))
+    if trainer.is_world_process_zero():
+        (out_dir / "log.json").write_text(json.dumps({"metrics": metrics, "history": history},
+                                                     indent=2))
     return metrics

@@ -21,7 +21,7 @@ from tunegraph.assets import (
 )
 from tunegraph.assets.raw_data import raw_data_asset
 from tunegraph.config import Recipe, load_recipe
-from tunegraph.resources import ArtifactIOManager, ArtifactStoreResource
+from tunegraph.resources import ArtifactIOManager, ArtifactStoreResource, LauncherResource
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -62,10 +62,12 @@ def assets_for(recipes: Iterable[Recipe]) -> list[AssetsDefinition]:
     return list(base_models.values()) + assets + sources
 
 
-def resources(artifacts_root: str = "") -> dict:
-    """The artifact store and IO manager; both default to `.tunegraph/artifacts`."""
+def resources(artifacts_root: str = "", launcher: LauncherResource | None = None) -> dict:
+    """The artifact store and IO manager (both default to `.tunegraph/artifacts`), and the
+    training launcher (in-process unless $TUNEGRAPH_LAUNCHER / $TUNEGRAPH_NUM_PROCESSES say)."""
     return {"artifact_store": ArtifactStoreResource(root=artifacts_root),
-            "io_manager": ArtifactIOManager(root=artifacts_root)}
+            "io_manager": ArtifactIOManager(root=artifacts_root),
+            "launcher": launcher or LauncherResource()}
 
 
 def checks_for(recipes: Iterable[Recipe]) -> list[AssetChecksDefinition]:

@@ -52,6 +52,7 @@ from tunegraph.config import Recipe, base_model_slug, load_recipe
 from tunegraph.ops.artifacts import ArtifactStore
 from tunegraph.ops.checkpoints import partitions_name
 from tunegraph.ops.freshness import StageProbe, probe_stages
+from tunegraph.resources.launcher import LauncherResource
 
 DATA_VERSION_TAG = "dagster/data_version"
 RECIPE_TAG = "tunegraph/recipe"
@@ -137,7 +138,8 @@ def stale_assets(recipe: Recipe, instance: DagsterInstance, store: ArtifactStore
     """The recipe's stages (eval_scores: per checkpoint partition) whose materialization now
     would report another data version than the latest one did, in dependency order; none after
     a current stage whose blocking check failed (asset checks do not span runs)."""
-    probes = probe_stages(recipe, store, base_model_slug(recipe))
+    # The launcher the runs will use (the same $TUNEGRAPH_LAUNCHER/_NUM_PROCESSES as the daemon's).
+    probes = probe_stages(recipe, store, base_model_slug(recipe), LauncherResource().spec())
     registered = set(instance.get_dynamic_partitions(partitions_name(recipe.name))) if any(
         p.partition for p in probes) else set()
     gated = gates(recipe)

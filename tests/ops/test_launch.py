@@ -1,0 +1,157 @@
+"""Training on 2 processes (torchrun, gloo on this CPU): the same losses as 1 process at the same
+global batch, outputs that load as plain HF/PEFT checkpoints, a failing or killed rank that fails
+the launch cleanly (named, no hang), and a relaunch that resumes from the last checkpoint.
+
+Each launch starts torchrun and two Python processes that import torch and transformers: about
+15 s before the first step on the 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peft import PeftModel
+from train_support import GOLDEN_RTOL, RUNS, make, quickstart_like_rows, stored_golden
+from transformers import AutoModelForCausalLM
+
+from tunegraph.ops.artifacts import ArtifactStore
+from tunegraph.ops.launch import LAUNCH_DIR, LaunchError, LaunchSpec, launch_training
+from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
+from tunegraph.ops.train import train
+
+TWO = LaunchSpec("torchrun", 2, timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Any]:
+    """The golden runs' tiny base model and tokenized data (tests/train_support.py)."""
+    folder = tmp_path_factory.mktemp("launch")
+    (folder / "data.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in quickstart_like_rows(48, seed=0)))
+    recipe = make(folder)
+    store = ArtifactStore(folder / "store")
+    base = base_model_stage(recipe, store, "tiny")
+    tokenized = tokenized_stage(recipe, store, base.artifact)
+    return {"folder": folder, "base_dir": model_dir(base.artifact),
+            "tokenized_dir": tokenized.artifact.path}
+
+
+def launch(prepared: dict[str, Any], out: Path, spec: LaunchSpec = TWO, **keys: Any
+           ) -> dict[str, Any]:
+    recipe = make(prepared["folder"], **keys)
+    return launch_training(spec, recipe, prepared["base_dir"], prepared["tokenized_dir"], out)
+
+
+def losses(metrics: dict[str, Any]) -> list[float]:
+    return [loss for _, loss in metrics["losses"]]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_two_processes_match_the_one_process_golden_run(prepared, tmp_path, name):
+    """2 ranks x micro_batch_size 2 = the golden run's global batch of 4. The Trainer sums each
+    rank's token losses and divides by the tokens of both ranks (average_tokens_across_devices),
+    DDP averages gradients, and accelerate deals the golden run's batches out row by row, so the
+    per-step losses are the golden ones; gloo sums in another order (measured 1e-7 relative)."""
+    metrics = launch(prepared, tmp_path, **RUNS[name], micro_batch_size=2, save_steps=6)
+    assert metrics["world_size"] == 2
+    assert losses(metrics) == pytest.approx(stored_golden(name), rel=GOLDEN_RTOL, abs=0)
+    # The outputs are ordinary HF / PEFT folders, written once (by rank 0).
+    final = tmp_path / ("adapter" if name == "lora_tiny" else "model")
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-12", "checkpoint-6"]
+    base = AutoModelForCausalLM.from_pretrained(prepared["base_dir"])
+    if name == "lora_tiny":
+        model = PeftModel.from_pretrained(base, final)
+        assert any("lora_A" in n for n, _ in model.named_parameters())
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(prepared["base_dir"]),
+                                  tmp_path / "checkpoints" / "checkpoint-6")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(final)
+        changed = [n for n, p in model.state_dict().items()
+                   if not p.equal(base.state_dict()[n])]
+        assert changed, "the saved model equals the base model: training saved nothing"
+        AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "checkpoint-6")
+
+
+def test_a_failing_rank_fails_the_launch_with_its_error(prepared, tmp_path):
+    """bf16 on a CPU is a recipe mistake every rank raises as a ValueError: the launch fails with
+    the first rank's traceback and the exception type (not retried by the train asset)."""
+    with pytest.raises(LaunchError) as failed:
+        launch(prepared, tmp_path, **RUNS["full_tiny"], micro_batch_size=2, bf16=True)
+    message = str(failed.value)
+    # Both ranks raise; the first torchrun saw is named, the other listed.
+    assert re.match(r"rank [01] failed \(ranks 0, 1 failed\): ValueError: bf16/fp16", message)
+    assert "Traceback" in message
+    assert failed.value.exception_type == "ValueError"
+
+
+def test_fsdp_on_cpu_is_an_error_not_silent_ddp(prepared, tmp_path):
+    """accelerate turns FSDP on for GPU back ends only; on CPUs it would quietly run DDP."""
+    recipe = make(prepared["folder"], **RUNS["full_tiny"], fsdp=["full_shard", "auto_wrap"])
+    with pytest.raises(ValueError, match="fsdp: sharded training runs on CUDA GPUs"):
+        train(recipe, prepared["base_dir"], prepared["tokenized_dir"], tmp_path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_rank_fails_cleanly_and_a_relaunch_resumes(prepared, tmp_path):
+    """SIGKILL rank 1 once a checkpoint exists: torchrun stops rank 0 and the launch fails at
+    once (no rank left waiting in a collective until a timeout). Launching again into the same
+    folder resumes from the last checkpoint, and the resumed run's losses are those of an
+    uninterrupted one-process run at the same global batch."""
+    keys = {**RUNS["lora_tiny"], "max_steps": 60, "save_steps": 5}
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["metrics"] = launch(prepared, tmp_path, **keys, micro_batch_size=2)
+        except LaunchError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pid_file = tmp_path / LAUNCH_DIR / "pids" / "rank-1"
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoints" / "checkpoint-5").is_dir():
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+    pids = {int(p.name.split("-")[1]): int(p.read_text())
+            for p in (tmp_path / LAUNCH_DIR / "pids").iterdir()}
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the launch still runs 60 s after a rank was killed"
+    assert time.monotonic() - killed_at < 30
+    assert "error" in outcome, "training finished before the kill: nothing was tested"
+    assert str(outcome["error"]).startswith("rank 1 exited with signal 9 and no Python error "
+                                            "(killed, or out of memory?)"), str(outcome["error"])
+    assert outcome["error"].exception_type is None
+    assert not any(_alive(pid) for pid in pids.values()), "a rank outlived the failed launch"
+
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    resumed = launch(prepared, tmp_path, **keys, micro_batch_size=2)
+    assert resumed["resumed_from_step"] == saved[-1] < 60
+    reference = train(make(prepared["folder"], **keys), prepared["base_dir"],
+                      prepared["tokenized_dir"], tmp_path / "reference")
+    assert losses(resumed) == pytest.approx(losses(reference), rel=GOLDEN_RTOL, abs=0)
+
+
+def test_launch_spec_is_checked():
+    with pytest.raises(ValueError, match="launcher: unknown launcher 'mpirun'"):
+        LaunchSpec("mpirun", 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_processes > 1 needs launcher torchrun"):
+        LaunchSpec("python", 2)
