@@ -272,6 +272,18 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
     return model, tokenizer
 
 
+def _peak_memory_per_rank() -> list[float] | None:
+    """Each rank's peak CUDA memory (MiB, torch's allocator), gathered to every rank; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [round(peak, 1)]
+    gathered: list[float | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, round(peak, 1))
+    return [float(p) for p in gathered if p is not None]
+
+
 def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
           progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune the base model on the tokenized data; returns the metrics written to log.json."""
@@ -316,6 +328,7 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
         "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*")),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "world_size": args.world_size,
+        "peak_memory_mb_per_rank": _peak_memory_per_rank(),
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
     if trainer.is_world_process_zero():

@@ -41,8 +41,12 @@ def main(job_file: str) -> None:
 
                 pipes = stack.enter_context(open_dagster_pipes())
 
+            reported: set[int] = set()
+
             def progress(stage: str, done: int, total: int) -> None:
-                if pipes is not None and (done % PROGRESS_EVERY == 0 or done == total):
+                if pipes is not None and done not in reported and (
+                        done % PROGRESS_EVERY == 0 or done == total):
+                    reported.add(done)  # the Trainer logs the last step twice (loss, summary)
                     pipes.log.info(f"{stage}: step {done}/{total} "
                                    f"(world size {os.environ.get('WORLD_SIZE', '1')})")
 
