@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,11 +129,31 @@ def training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, tokenized_
 
 
 class ProgressCallback(TrainerCallback):
-    """Reports each logged step to `progress` and keeps the loss trajectory."""
+    """Reports each logged step to `progress`, keeps the loss trajectory, and times optimizer
+    steps (forward, backward and update; checkpoint saving and evaluation happen outside them)."""
 
     def __init__(self, progress: Progress | None):
         self.progress = progress
         self.history: list[dict[str, float]] = []
+        self.step_seconds: list[float] = []
+        self._step_start = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: time what it did, not queued
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (HF signature)
+        self._sync()
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 (HF signature)
+        self._sync()
+        self.step_seconds.append(time.perf_counter() - self._step_start)
+
+    def median_step_s(self, warmup: int = 3) -> float | None:
+        """The median optimizer step time after `warmup` steps (compilation, allocator growth)."""
+        timed = self.step_seconds[warmup:] or self.step_seconds
+        return statistics.median(timed) if timed else None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (HF signature)
         if logs:
@@ -239,6 +261,8 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
         torch_compile=recipe.torch_compile,
         ddp_find_unused_parameters=recipe.ddp_find_unused_parameters,
         report_to="none", remove_unused_columns=recipe.remove_unused_columns,
+        # Counted over all processes; gives tokens/s (one small all-gather per step).
+        include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=False,
         **mixed_precision(recipe), **optional, **sharding_arguments(recipe),
     )
@@ -328,6 +352,8 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
         "checkpoints": sorted(p.name for p in (out_dir / "checkpoints").glob("checkpoint-*")),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "world_size": args.world_size,
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,  # all ranks, no padding
+        "median_step_s": callback.median_step_s(),
         "peak_memory_mb_per_rank": _peak_memory_per_rank(),
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
