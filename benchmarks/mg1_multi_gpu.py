@@ -119,10 +119,12 @@ def prepare(work: Path) -> None:
 def _kill_rank_1_at(home: Path, step: int, stop: threading.Event, log: list[str]) -> None:
     """SIGKILL rank 1 once the training's checkpoint `step` exists."""
     while not stop.is_set():
-        for launch in home.glob(f"artifacts/_work/*/*/checkpoints/checkpoint-{step}"):
-            pid_file = launch.parents[1] / "_launch" / "pids" / "rank-1"
+        # Once the checkpoint is complete (trainer_state.json is written last), so the retry has
+        # it to resume from; a half-written one is discarded (tests/ops/test_launch.py).
+        for state in home.glob(f"artifacts/_work/*/*/checkpoints/checkpoint-{step}/"
+                               f"trainer_state.json"):
+            pid_file = state.parents[2] / "_launch" / "pids" / "rank-1"
             if pid_file.is_file():
-                time.sleep(1.0)  # let the checkpoint's files land
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
                 log.append(f"killed rank 1 (pid {pid_file.read_text()}) after checkpoint {step}")
                 return

@@ -143,3 +143,21 @@ def test_launch_spec_is_checked():
         LaunchSpec("mpirun", 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_processes > 1 needs launcher torchrun"):
         LaunchSpec("python", 2)
+
+
+def test_a_half_written_checkpoint_is_neither_resumed_nor_kept(tmp_path):
+    """A rank killed while saving leaves `checkpoint-N` without trainer_state.json (seen on the
+    GPU machine: the retry then failed to resume from it). Resume from the last complete one,
+    and remove the rest before the ranks start."""
+    from tunegraph.ops.train import discard_incomplete_checkpoints, last_complete_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(folder) == str(folder / "checkpoint-10")
+    assert discard_incomplete_checkpoints(folder) == ["checkpoint-15"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert last_complete_checkpoint(tmp_path / "none") is None

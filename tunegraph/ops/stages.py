@@ -10,6 +10,7 @@ reach the tokenized data; `output_dir` reaches nothing).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from tunegraph.ops.hashing import hash_file, hash_json, list_files, short
 from tunegraph.ops.launch import Launcher
 
 Progress = Callable[[str, int, int], None]
+logger = logging.getLogger(__name__)
 # Bump when the built model or its tokenizer changes for the same inputs (2: tokenizer learns
 # Alpaca rows with their prompt template).
 BASE_MODEL_CODE_VERSION = "2"
@@ -175,6 +177,10 @@ def train_stage(recipe: Recipe, store: ArtifactStore, base: Artifact, tokenized:
         # failed attempt's checkpoints stay there, and the next attempt resumes from the last.
         work = work_dir(store, kind, key)
         work.mkdir(parents=True, exist_ok=True)
+        from tunegraph.ops.train import discard_incomplete_checkpoints
+
+        if removed := discard_incomplete_checkpoints(work / "checkpoints"):
+            logger.warning(f"removed checkpoints a failed attempt left unfinished: {removed}")
         metrics = launcher.train(recipe, model_dir(base), tokenized.path, work, progress)
         write_checkpoint_manifests(work, key, kind)
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +33,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from tunegraph.config import Recipe
 from tunegraph.ops.base_model import load_model, load_tokenizer
@@ -296,6 +296,31 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
     return model, tokenizer
 
 
+# The Trainer writes trainer_state.json after the weights, optimizer, scheduler and RNG states: a
+# checkpoint folder without it was cut short (a killed process, a full disk).
+CHECKPOINT_COMPLETE = "trainer_state.json"
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
+    """The newest `checkpoint-<step>` that was saved to the end, or None."""
+    if not checkpoints_dir.is_dir():
+        return None
+    complete = [p for p in checkpoints_dir.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_COMPLETE).is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def discard_incomplete_checkpoints(checkpoints_dir: Path) -> list[str]:
+    """Remove checkpoint folders a killed attempt left half-written (before any rank starts:
+    training would otherwise try to resume from one, or evaluate it later); their names."""
+    removed = []
+    for folder in sorted(checkpoints_dir.glob("checkpoint-*")) if checkpoints_dir.is_dir() else []:
+        if not (folder / CHECKPOINT_COMPLETE).is_file():
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
+
+
 def _peak_memory_per_rank() -> list[float] | None:
     """Each rank's peak CUDA memory (MiB, torch's allocator), gathered to every rank; None on CPU."""
     if not torch.cuda.is_available():
@@ -323,8 +348,7 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
                       processing_class=tokenizer)
     # A checkpoint left in out_dir by a failed attempt: resume from it (weights, optimizer,
     # scheduler, RNG and data position), so a retry continues instead of starting over.
-    checkpoint_dir = Path(args.output_dir)
-    resume_from = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    resume_from = last_complete_checkpoint(Path(args.output_dir))
     result = trainer.train(resume_from_checkpoint=resume_from)
     for extra in extra_callbacks:
         if isinstance(extra, LossWatchdogCallback):
