@@ -110,6 +110,8 @@ def prepare(work: Path) -> None:
         (folder / "data.jsonl").write_bytes((work / "data.jsonl").read_bytes())
         recipe = {"base_model": str(model_dir), **COMMON, **keys,
                   "output_dir": str(folder / "outputs")}
+        if name.endswith("1gpu"):
+            recipe["save_steps"] = None  # the baselines measure throughput; no checkpoints
         if DRY_RUN:
             recipe.update(bf16=False, max_steps=STEPS, save_steps=2, optimizer="adamw_torch")
         (folder / "mg1.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
