@@ -44,7 +44,9 @@
 # against what is importable there, and prints the versions of the device packages that the
 # wheels constrain; it exits 1 on a mismatch.
 #
-# Options (environment): DEEPSPEED_VERSION, LIGER_KERNEL_VERSION, MAX_WHL_MIB (default 45),
+# Options (environment): DEEPSPEED_VERSION, LIGER_KERNEL_VERSION, EXTRA_PINS ("name==version ..."
+# as extra constraints, e.g. EXTRA_PINS="datasets==5.0.1" if the device's pyarrow is older than
+# 24, which datasets 5.1+ needs), MAX_WHL_MIB (default 45),
 # PY312 (a Python 3.12 for the resolver), VENV_PY (default .venv/bin/python), DEEPSPEED_WHEEL
 # (a deepspeed wheel this script built before, e.g. a copy of the one in .whl/: skips the build).
 set -euo pipefail
@@ -113,6 +115,16 @@ DEVICE_VERSIONS = {
 }
 # pyproject dependencies that nothing run on the device imports (the Dagster UI and `dg`).
 DROP = {"dagster-webserver", "dagster-graphql", "dagster-dg-cli"}
+# Pins for carried packages, so that they ask less of the device's packages of unknown version.
+# grpcio-health-checking (dagster needs it; only Dagster's gRPC code server imports it, never
+# `materialize`): the newest wants grpcio>=1.85.1 and protobuf>=7.35.1; 1.62.3 wants
+# grpcio>=1.62.3 and protobuf>=4.21.6, and its protobuf 4.25 gencode (that of dagster's own
+# protos) has no runtime version check (it imports with protobuf 6.33 and grpcio 1.85 here).
+PINS = {"grpcio-health-checking": "1.62.3"}
+# On the device too, but carried anyway (they shadow the device's copy): small, pure Python,
+# backward compatible, and the carried wheels need a recent one (pydantic 2.14 and pydantic-core
+# need typing-extensions>=4.16.0, the newest release; the device's version is not known).
+ALWAYS_CARRY = {"typing-extensions"}
 # Marker environment of the device's python3 (3.12.3, Linux x86_64).
 MARKER_ENV = {
     "implementation_name": "cpython", "implementation_version": "3.12.3", "os_name": "posix",
@@ -151,7 +163,9 @@ def cmd_inputs(req_out, cons_out, *extra):
     """requirements.txt: pyproject's core deps less DROP, plus extra; constraints: device pins."""
     reqs = [str(r) for r in pyproject_deps() if norm(r.name) not in DROP]
     Path(req_out).write_text("\n".join(reqs + list(extra)) + "\n")
-    Path(cons_out).write_text("\n".join(f"{k}=={v}" for k, v in DEVICE_VERSIONS.items()) + "\n")
+    pins = {**DEVICE_VERSIONS, **PINS}
+    pins.update(p.split("==", 1) for p in os.environ.get("EXTRA_PINS", "").split())
+    Path(cons_out).write_text("\n".join(f"{k}=={v}" for k, v in pins.items()) + "\n")
 
 
 def cmd_select(report, out):
@@ -161,7 +175,7 @@ def cmd_select(report, out):
     for it in items:
         m = it["metadata"]
         n, v, url = norm(m["name"]), m["version"], it["download_info"]["url"]
-        if n in DEVICE:
+        if n in DEVICE and n not in ALWAYS_CARRY:
             if n in DEVICE_V and DEVICE_V[n] != v:
                 sys.exit(f"resolver wants {n}=={v} but the device has {DEVICE_V[n]}")
             assumed.append(f"{n} {v}")
@@ -240,11 +254,12 @@ def cmd_check(whl_dir, *flags):
         n = norm(req.name)
         v, where = version_of(n)
         if where == "MISSING":
-            bad.append(f"{who} needs {req}: neither carried nor on the device")
+            bad.append(f"{who} needs {req}: " + ("not installed here" if installed else
+                                                 "neither carried nor on the device"))
             continue
         if v is not None and not req.specifier.contains(Version(v), prereleases=True):
             bad.append(f"{who} needs {req}: {where} has {v}")
-        if v is None and str(req.specifier):
+        if (v is None or (installed and n not in wheels)) and str(req.specifier):
             unknown.setdefault(n, set()).add(f"{req.specifier} ({who})")
         if n not in wheels:
             continue
@@ -276,13 +291,21 @@ def cmd_check(whl_dir, *flags):
         ok = "ok" if v is None or r.specifier.contains(Version(v), prereleases=True) else "OUTSIDE"
         if v is not None and ok == "OUTSIDE":
             bad.append(f"pyproject needs {r}: {where} has {v}")
+        if where == "MISSING":
+            ok = "MISSING"
+            bad.append(f"pyproject needs {r}: " + ("not installed here" if installed else
+                                                   "neither carried nor on the device"))
         print(f"  {r.name:18} {str(r.specifier):14} {where:26} {v or '?':14} "
-              f"{ok if v else 'check there'}")
+              f"{ok if v or ok == 'MISSING' else 'check there'}")
     if unknown:
-        print("device packages of unknown version that the carried wheels constrain "
-              "(--check-installed on the device checks them):")
+        if installed:
+            print("device packages that the carried wheels constrain, as installed here:")
+        else:
+            print("device packages of unknown version that the carried wheels constrain "
+                  "(--check-installed on the device checks them):")
         for n in sorted(unknown):
-            print(f"  {n:22} " + "; ".join(sorted(unknown[n])))
+            print(f"  {n:22} {(have(n) or '-') + '  ' if installed else ''}"
+                  + "; ".join(sorted(unknown[n])))
     bad = list(dict.fromkeys(bad))
     for b in bad:
         print("FAIL:", b)
@@ -369,7 +392,8 @@ else
 fi
 ds_whl=$(ls "$tmp"/ds/deepspeed-*-py3-none-any.whl 2>/dev/null || true)
 [ -n "$ds_whl" ] || { echo "device_wheels.sh: no py3-none-any deepspeed wheel was built" >&2; exit 1; }
-if unzip -l "$ds_whl" | grep -qE '\.(so|pyd)$'; then
+if ! "$VENV_PY" -c 'import sys, zipfile
+sys.exit(any(n.endswith((".so", ".pyd")) for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$ds_whl"; then
   echo "device_wheels.sh: the deepspeed wheel holds compiled files" >&2; exit 1
 fi
 

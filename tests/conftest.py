@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-import random
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (tests/kernels) run on CPU tensors through Triton's interpreter. triton reads
+    # TRITON_INTERPRET when it is first imported, and transformers (imported below) pulls it in;
+    # set after that, tl.sum & co. fail in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -115,11 +115,12 @@ def test_axolotl_only_dataset_key_with_a_value_is_not_supported_yet(tmp_path):
 
 def test_axolotl_only_keys_set_to_off_are_accepted_and_listed(tmp_path):
     text = VALID + ("load_in_4bit: false\nwandb_project:\nlora_model_dir: ''\n"
-                    "unfrozen_parameters: []\nfsdp_config: {}\n")
+                    "unfrozen_parameters: []\nmodel_config: {}\n")
     text = text.replace("    type: alpaca\n", "    type: alpaca\n    preprocess_shards:\n")
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.off_keys == ("load_in_4bit", "wandb_project", "lora_model_dir",
-                               "unfrozen_parameters", "fsdp_config", "datasets[0].preprocess_shards")
+                               "unfrozen_parameters", "model_config",
+                               "datasets[0].preprocess_shards")
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

@@ -106,6 +106,11 @@ class DistributedConcern(StrictModel):
             return value or None
         return value
 
+    @field_validator("fsdp_config", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == {} else value  # `fsdp_config: {}` asks for nothing
+
     @model_validator(mode="after")
     def _one_strategy(self) -> DistributedConcern:
         if self.fsdp and self.deepspeed:

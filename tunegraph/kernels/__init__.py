@@ -90,7 +90,7 @@ def is_dense(t: torch.Tensor) -> bool:
     """True when `t`'s elements fill its memory span once: a permutation of a contiguous layout.
     False for expanded tensors (a `.sum()`'s gradient has stride 0) and for gapped slices."""
     expected = 1
-    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s > 1):
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1):
         if stride != expected:
             return False
         expected *= size

@@ -13,7 +13,11 @@ blocks of BLOCK_V with an online (running max, running sum) logsumexp, writes th
 and logsumexp and, when gradients are wanted, overwrites the logits in place with
 d loss / d logits; two more cuBLAS products turn that into the chunk's grad_hidden rows and add
 its share of grad_weight. Only the [C, V] buffer exists at a time; C is chosen so that it holds
-about as many elements as hidden does (the rule Liger uses, so memory matches its FLCE).
+about as many elements as hidden does (Liger's rule, so memory matches its FLCE; at least 128
+tokens). The products stay in cuBLAS (790 TFLOP/s at 8192^3 on this workplace's H200) rather
+than a Triton tl.dot kernel with a logsumexp epilogue: that would save one of the six passes over
+the chunk (4.2 GB at K2's 16k x 128256: ~1 ms of ~75), for a matrix kernel that would first have
+to match cuBLAS.
 
 Gradients in the forward (as Liger does), not recomputed in the backward (as Cut Cross Entropy
 does), for the scalar losses: recomputing costs a fourth N·H·V product, 8NHV FLOPs instead of
@@ -28,15 +32,13 @@ C-token chunks measured within the tests' tolerances (see the tests).
 
 The Triton path runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests);
 otherwise the pure-PyTorch reference below runs, chunked the same way (torch.utils.checkpoint per
-chunk, so its backward recomputes one chunk's logits at a time). Both are torch.library custom
-ops underneath, so torch.compile (fullgraph too) treats them as opaque calls.
+chunk, so its backward recomputes one chunk's logits at a time). The Triton path is made of
+torch.library custom ops, so torch.compile (fullgraph too) sees one opaque call per loss.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import os
 import re
 from typing import Any
 
@@ -44,24 +46,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:
+from tunegraph.kernels import HAS_TRITON, use_triton
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the reference below is the CPU fallback
-    HAS_TRITON = False
 
 # The recipe key that turns this on (tunegraph/kernels/patch.py); named in every patch error.
 RECIPE_KEY = "liger_fused_linear_cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
-# Triton's interpreter runs kernels on CPU tensors; read once, at import, like Triton does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Widest vocabulary block one program loads at a time. 8192 bf16 logits with 16 warps is 16 per
 # thread: enough loads in flight for a memory-bound pass without spilling the three fp32
 # running vectors (max, sum, smoothing sum). Tests lower it to run several blocks at small V.
 _MAX_BLOCK_V = 8192
-# Fewest tokens per chunk: below ~128 rows the three products stop filling the tensor cores.
+# Fewest tokens per chunk: fewer rows than a tensor-core tile (64-128 on Hopper) waste most of
+# each product; the buffer is then at most 128 x V (33 MB at V = 128256) however small hidden is.
 _MIN_CHUNK_TOKENS = 128
 
 
@@ -71,10 +70,27 @@ _MIN_CHUNK_TOKENS = 128
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
+    # No tl.sum / tl.max / tl.zeros / tl.sigmoid: they are triton.language.standard @jit
+    # functions, which the interpreter cannot call when triton was imported before
+    # TRITON_INTERPRET was set (under pytest, torch._dynamo imports it first). Reductions go
+    # through tl.reduce with the standard library's own combiners, which is what tl.sum / tl.max
+    # expand to on a GPU, and which the interpreter recognizes (by identity) and runs as one
+    # numpy call; any other combiner it calls once per element (~7 ms each: 56 s for one test).
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    _sum_combine = getattr(tl.standard, "_sum_combine", _add)
+    _max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
+
     @triton.jit
     def _tanh(x):
-        # 2·sigmoid(2x) - 1: tl has no tanh the interpreter also runs; absolute error ~1e-7.
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        # 1 - 2 / (exp(2x) + 1): tl has no tanh the interpreter also runs; absolute error ~1e-7.
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
     def _load_logits(row_ptrs, bias_ptr, cols, mask, logit_scale, softcap,
@@ -136,8 +152,8 @@ if HAS_TRITON:
         # Online logsumexp with one running (max, sum) per lane; lanes merge once at the end, so
         # the loop has no cross-lane reduction. Lanes that saw only padding keep -inf and 0.
         run_max = tl.full([BLOCK_N, BLOCK_V], float("-inf"), tl.float32)
-        run_sum = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        z_sum = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        run_sum = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
+        z_sum = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)[None, :]
             mask = row_mask[:, None] & (cols < V)
@@ -151,14 +167,14 @@ if HAS_TRITON:
             run_sum = run_sum * tl.exp(run_max - ref) + tl.exp(z - ref)
             run_max = new_max
         # Rows past num_rows saw only padding: give them lse = 0 rather than log(0).
-        row_max = tl.max(run_max, axis=1)[:, None]
+        row_max = tl.reduce(run_max, 1, _max_combine)[:, None]
         row_max = tl.where(row_mask[:, None], row_max, 0.0)
-        row_sum = tl.sum(run_sum * tl.exp(run_max - row_max), axis=1)[:, None]
+        row_sum = tl.reduce(run_sum * tl.exp(run_max - row_max), 1, _sum_combine)[:, None]
         lse = row_max + tl.log(tl.where(row_mask[:, None], row_sum, 1.0))
 
         loss = lse - (1.0 - label_smoothing) * z_target + z_loss_weight * lse * lse
         if HAS_SMOOTHING:
-            loss -= label_smoothing / V * tl.sum(z_sum, axis=1)[:, None]
+            loss -= label_smoothing / V * tl.reduce(z_sum, 1, _sum_combine)[:, None]
         tl.store(loss_ptr + rows[:, None], tl.where(valid, loss, 0.0), mask=row_mask[:, None])
         tl.store(lse_ptr + rows[:, None], lse, mask=row_mask[:, None])
         if WRITE_GRAD:
@@ -360,8 +376,8 @@ def _flce_loss_backward(ctx, grad_loss, _grad_z_loss, _gh, _gw, _gb):
         grads = [grad * grad_loss for grad in grads]
     elif not bool(grad_loss == 1.0):
         # In place: a copy of grad_weight would add V·H·2 bytes to the peak (1 GB at K2).
-        # Testing for 1.0 (loss.backward()) costs a host sync (~20 us of GPU idle) and saves two
-        # passes over grad_weight (0.5 ms at K2 on an H200).
+        # Testing for 1.0 (a plain loss.backward()) costs one host sync and saves two passes
+        # over grad_weight when it is 1 (2.1 GB moved: 0.5 ms at K2 on an H200).
         for grad in grads:
             grad.mul_(grad_loss)
     needs = ctx.needs_input_grad
@@ -442,10 +458,6 @@ torch.library.register_autograd("tunegraph::flce_token_losses", _token_losses_ba
 # ----------------------------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------------------------
-def _use_triton(tensor: torch.Tensor) -> bool:
-    return HAS_TRITON and (tensor.is_cuda or _INTERPRET)
-
-
 def _prepare(hidden_NH, weight_VH, labels_N, bias_V, *, ignore_index, label_smoothing,
              z_loss_weight, reduction, logit_scale, softcap, chunk_tokens):
     """Validate (ValueError names the argument) and apply autocast as F.linear would."""
@@ -513,7 +525,7 @@ def fused_linear_cross_entropy(
     passes under gradient accumulation; the loss is the sum over tokens divided by it (HF's
     ForCausalLMLoss), only with reduction="mean". softcap: Gemma's final_logit_softcapping.
     chunk_tokens: tokens per chunk (default: a [C, V] buffer about hidden's size)."""
-    return _cross_entropy(hidden_NH, weight_VH, labels_N, bias_V, _use_triton(hidden_NH),
+    return _cross_entropy(hidden_NH, weight_VH, labels_N, bias_V, use_triton(hidden_NH),
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
                           z_loss_weight=z_loss_weight, reduction=reduction,
                           num_items_in_batch=num_items_in_batch, softcap=softcap,
@@ -596,7 +608,7 @@ def fused_linear_log_probs(
     weights of a DPO/GRPO loss are known only then)."""
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    return -_cross_entropy(hidden_NH, weight_VH, targets_N, bias_V, _use_triton(hidden_NH),
+    return -_cross_entropy(hidden_NH, weight_VH, targets_N, bias_V, use_triton(hidden_NH),
                            ignore_index=ignore_index, reduction="none",
                            logit_scale=1.0 / temperature, chunk_tokens=chunk_tokens)
 
@@ -706,41 +718,59 @@ def _causal_lm_loss(model: Any, hidden_BTH: torch.Tensor, labels: torch.Tensor, 
                                       softcap=softcap, logit_scale=logit_scale)
 
 
-def _fused_forward(model: Any, forward, args, kwargs, logit_scale, softcap):
-    """Run the model's own forward with lm_head returning an empty [..., 0] placeholder (what it
-    does to the logits then costs nothing) and the loss taken from lm_head's input."""
-    captured: dict[str, torch.Tensor] = {}
-    lm_head = model.lm_head
+class _FusedForward:
+    """model.forward after the patch: the model's own forward, with the loss fused while training
+    with labels. An object holding the model (not a closure) so that copy.deepcopy of the model
+    (TRL's reference models) gives a copy whose forward runs the copy; its __signature__ is the
+    original's, which Trainer reads to pick the dataset columns and loss kwargs to pass."""
 
-    def capture(hidden_states, *unused, **unused_kwargs):
-        captured["hidden"] = hidden_states
-        captured["placeholder"] = hidden_states.new_empty(*hidden_states.shape[:-1], 0)
-        return captured["placeholder"]
+    def __init__(self, model: Any, logit_scale: float, softcap: float | None):
+        self.model, self.logit_scale, self.softcap = model, logit_scale, softcap
+        self.original = model.forward  # a bound method (or accelerate's hook): deepcopy rebinds it
+        self.__signature__ = inspect.signature(self.original)
+        self.__doc__ = self.original.__doc__
 
-    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
-                      ignore_index=-100, shift_labels=None, **unused):
-        assert "hidden" in captured, "lm_head did not run before the loss"
-        return _causal_lm_loss(model, captured["hidden"], labels, logit_scale, softcap,
-                               num_items_in_batch, ignore_index, shift_labels)
+    def __call__(self, *args, **kwargs):
+        labels = self.__signature__.bind_partial(*args, **kwargs).arguments.get("labels")
+        if labels is None or not self.model.training:
+            return self.original(*args, **kwargs)
+        return self._fused(args, kwargs)
 
-    saved_forward = lm_head.__dict__.get("forward")
-    saved_loss = model.__dict__.get("_loss_function")
-    lm_head.forward, model.loss_function = capture, loss_function
-    try:
-        output = forward(*args, **kwargs)
-    finally:
-        if saved_forward is None:
-            del lm_head.forward
-        else:
-            lm_head.forward = saved_forward
-        if saved_loss is None:
-            del model._loss_function
-        else:
-            model._loss_function = saved_loss
-    placeholder = captured.get("placeholder")
-    if isinstance(output, tuple):
-        return tuple(item for item in output if item is not placeholder)
-    return type(output)(**{key: value for key, value in output.items() if key != "logits"})
+    def _fused(self, args, kwargs):
+        """Run the model's forward with lm_head returning an empty [..., 0] placeholder (what the
+        forward then does to the logits costs nothing) and the loss taken from lm_head's input."""
+        model, captured = self.model, {}
+        lm_head = model.lm_head
+
+        def capture(hidden_states, *unused, **unused_kwargs):
+            captured["hidden"] = hidden_states
+            captured["placeholder"] = hidden_states.new_empty(*hidden_states.shape[:-1], 0)
+            return captured["placeholder"]
+
+        def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
+                          ignore_index=-100, shift_labels=None, **unused):
+            assert "hidden" in captured, "lm_head did not run before the loss"
+            return _causal_lm_loss(model, captured["hidden"], labels, self.logit_scale,
+                                   self.softcap, num_items_in_batch, ignore_index, shift_labels)
+
+        saved_forward = lm_head.__dict__.get("forward")
+        saved_loss = model.__dict__.get("_loss_function")
+        lm_head.forward, model.loss_function = capture, loss_function
+        try:
+            output = self.original(*args, **kwargs)
+        finally:
+            if saved_forward is None:
+                del lm_head.forward
+            else:
+                lm_head.forward = saved_forward
+            if saved_loss is None:
+                del model._loss_function
+            else:
+                model._loss_function = saved_loss
+        placeholder = captured.get("placeholder")
+        if isinstance(output, tuple):  # return_dict=False
+            return tuple(item for item in output if item is not placeholder)
+        return type(output)(**{key: value for key, value in output.items() if key != "logits"})
 
 
 def apply_fused_linear_cross_entropy(model: Any) -> None:
@@ -750,7 +780,7 @@ def apply_fused_linear_cross_entropy(model: Any) -> None:
     generation are unchanged. lm_head may be PEFT's modules_to_save wrapper (the active copy's
     weight is used). ValueError, naming the recipe key, for a model this can not patch."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(causal_lm, "_tunegraph_fused_linear_cross_entropy", False):
+    if isinstance(causal_lm.__dict__.get("forward"), _FusedForward):
         return
     if not isinstance(getattr(causal_lm, "lm_head", None), torch.nn.Module):
         raise _patch_error(causal_lm, "it has no lm_head module")
@@ -760,17 +790,6 @@ def apply_fused_linear_cross_entropy(model: Any) -> None:
     if getattr(causal_lm, "loss_function", None) is not ForCausalLMLoss:
         raise _patch_error(causal_lm, "its loss_function is not transformers' ForCausalLMLoss")
     logit_scale, softcap = _logits_transform(causal_lm)
-    forward = causal_lm.forward
-    signature = inspect.signature(forward)
-    if "labels" not in signature.parameters:
+    if "labels" not in inspect.signature(causal_lm.forward).parameters:
         raise _patch_error(causal_lm, "its forward takes no `labels`")
-
-    @functools.wraps(forward)
-    def fused_forward(*args, **kwargs):
-        labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
-        if labels is None or not causal_lm.training:
-            return forward(*args, **kwargs)
-        return _fused_forward(causal_lm, forward, args, kwargs, logit_scale, softcap)
-
-    causal_lm.forward = fused_forward
-    causal_lm._tunegraph_fused_linear_cross_entropy = True
+    causal_lm.forward = _FusedForward(causal_lm, logit_scale, softcap)

@@ -2,8 +2,9 @@
 
     apply_kernels(model, KernelOptions(rms_norm=True, glu=True, rope=True))
 
-Only this model's modules change (their `forward` becomes an instance attribute): other models
-of the same class in the process keep HF's code, and nothing is patched globally. The recipe
+Only this model's modules change (each gets a subclass of its class, same name, with the
+kernel's forward): other models of the same class in the process keep HF's code, and nothing is
+patched globally. The recipe
 keys (`liger_*`, or the `kernels:` block) reach this through `Recipe.kernel_options()`.
 
 | model_type           | rms_norm                    | glu (MLP act)         | rope                 |
@@ -25,6 +26,7 @@ recipe key: a kernel key never silently does nothing.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +104,7 @@ def _modules(model: torch.nn.Module, class_name: str) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == class_name]
 
 
+@functools.cache  # one function, so one patched class, per variant
 def _norm_forward(gemma: bool, inplace_backward: bool) -> Callable[..., torch.Tensor]:
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         eps = self.eps if gemma else self.variance_epsilon
@@ -110,6 +113,7 @@ def _norm_forward(gemma: bool, inplace_backward: bool) -> Callable[..., torch.Te
     return forward
 
 
+@functools.cache
 def _glu_forward(glu: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF: down_proj(act_fn(gate_proj(x)) * up_proj(x)), the middle fused.
@@ -144,9 +148,25 @@ def _rotary_forward(attention_class: type, key: str) -> Callable[..., Any]:
     return _ROTARY_FORWARDS[attention_class]
 
 
+_PATCHED_CLASSES: dict[tuple[type, Callable[..., Any]], type] = {}
+
+
+def _base(cls: type) -> type:
+    return getattr(cls, "_tunegraph_base", cls)
+
+
 def _patch(modules: list[torch.nn.Module], forward: Callable[..., Any]) -> None:
+    """Give each module a subclass of its class, same name, whose forward is `forward`. A class
+    and not an instance attribute: nn.DataParallel (the Trainer's on a multi-GPU host) copies
+    a module's __dict__ into its replicas, so an instance's bound forward would run the
+    original's weights on every device."""
     for module in modules:
-        module.forward = types.MethodType(forward, module)
+        base = _base(type(module))
+        if (base, forward) not in _PATCHED_CLASSES:
+            _PATCHED_CLASSES[base, forward] = type(base.__name__, (base,), {
+                "forward": forward, "_tunegraph_base": base, "__module__": __name__,
+                "__qualname__": f"patched.{base.__qualname__}"})
+        module.__class__ = _PATCHED_CLASSES[base, forward]
 
 
 def _require(modules: list[torch.nn.Module], key: str, model_type: str, class_name: str) -> None:
@@ -178,17 +198,17 @@ def apply_kernels(model: torch.nn.Module, options: KernelSwitches) -> dict[str, 
         key = _recipe_key(options, "glu")
         mlps = _modules(model, family.mlp)
         _require(mlps, key, model_type, family.mlp)
-        activations = {type(m.act_fn).__name__ for m in mlps}
-        if len(activations) != 1 or (act := activations.pop()) not in GLU_KERNELS:
-            raise ValueError(f"{key}: {family.mlp}'s activation {sorted(activations)} has no "
-                             f"fused kernel (silu and gelu_pytorch_tanh have)")
-        _patch(mlps, _glu_forward(GLU_KERNELS[act]))
+        activations = sorted({type(m.act_fn).__name__ for m in mlps})
+        if len(activations) != 1 or activations[0] not in GLU_KERNELS:
+            raise ValueError(f"{key}: {family.mlp}'s activation {activations} has no fused "
+                             f"kernel (silu and gelu_pytorch_tanh have)")
+        _patch(mlps, _glu_forward(GLU_KERNELS[activations[0]]))
         patched["glu"] = len(mlps)
     if options.rope:
         key = _recipe_key(options, "rope")
         attentions = _modules(model, family.attention)
         _require(attentions, key, model_type, family.attention)
-        _patch(attentions, _rotary_forward(type(attentions[0]), key))
+        _patch(attentions, _rotary_forward(_base(type(attentions[0])), key))
         patched["rope"] = len(attentions)
     if options.fused_linear_cross_entropy:
         # Another module's kernel; imported only when asked for.

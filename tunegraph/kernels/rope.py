@@ -57,7 +57,7 @@ def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
                  BLOCK_HALF: tl.constexpr):
     """BLOCK_T tokens of one sequence: their cos/sin rows are loaded once for all heads."""
     pid = tl.program_id(0)
-    blocks_per_seq = tl.cdiv(seq_len, BLOCK_T)
+    blocks_per_seq = (seq_len + BLOCK_T - 1) // BLOCK_T  # not tl.cdiv: see rms_norm._row_sum
     b = (pid // blocks_per_seq).to(tl.int64)
     tokens = (pid % blocks_per_seq).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
     token_mask = tokens < seq_len
@@ -142,7 +142,7 @@ def _launch(kernel, q, k, cos, sin, q_out, k_out) -> None:
     per_token = (block_qh + block_kh) * block_half
     # One token per program from ~2K elements per half up (a 7B's 32+8 heads of 128); fewer
     # heads are stacked over tokens to that size (small models, and the interpreter).
-    block_t = min(triton.next_power_of_2(seq_len), max(1, 2048 // per_token))
+    block_t = min(triton.next_power_of_2(seq_len), 1 << max(0, (2048 // per_token).bit_length() - 1))
     elements = block_t * per_token * 2
     kernel[(batch * triton.cdiv(seq_len, block_t),)](
         q, k, cos, sin, q_out, k_out, seq_len,

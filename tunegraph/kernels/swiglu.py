@@ -29,16 +29,23 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _sigmoid(x):
+    # tl.sigmoid's formula, without triton.language.standard's @jit wrapper (see rms_norm.py's
+    # _row_sum: the interpreter cannot call it when triton was imported first).
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _activation(a, GELU: tl.constexpr):
     """(act(a), act'(a)) in fp32."""
     if GELU:
         # Literals, not module constants: the interpreter mishandles constexpr globals in
         # arithmetic. 1.5957691216057308 = 2 sqrt(2/pi); 0.134145 = 3 x 0.044715.
-        s = tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
+        s = _sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
         act = a * s
         dact = s + act * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * a * a)
     else:
-        s = tl.sigmoid(a)
+        s = _sigmoid(a)
         act = a * s
         dact = s * (1.0 + a * (1.0 - s))
     return act, dact
