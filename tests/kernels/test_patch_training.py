@@ -13,14 +13,13 @@ ones. Regenerate the golden (say why in the commit) with
 from __future__ import annotations
 
 import json
-import os
-import random
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from train_support import TINY, UPDATE_GOLDEN, quickstart_like_rows
 
 from tunegraph.config import Recipe, recipe_from_mapping
 from tunegraph.ops.artifacts import ArtifactStore
@@ -28,7 +27,6 @@ from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
 from tunegraph.ops.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "kernels_llama_tiny.json"
-UPDATE_GOLDEN = os.environ.get("TUNEGRAPH_UPDATE_GOLDEN") == "1"
 NUM_STEPS = 50
 CPU_STEPS = 20
 # Kernels off vs the golden: tests/ops/test_train.py's margin for other CPUs and library patch
@@ -44,34 +42,10 @@ KERNELS_RTOL = 1e-4
 # and 50 steps compound them. Measured on an H200: see benchmarks/NOTES.md (K1).
 BF16_KERNELS_RTOL = 2e-2
 KERNEL_KEYS = {"liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True}
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 400}
 COMMON = {"sequence_len": 64, "val_set_size": 0, "micro_batch_size": 4,
           "gradient_accumulation_steps": 1, "max_steps": NUM_STEPS,
           "lr_scheduler": "constant_with_warmup", "warmup_steps": 2, "optimizer": "adamw_torch",
           "weight_decay": 0.0, "seed": 7, "bf16": False, "learning_rate": 2e-3}
-
-
-def rows(count: int, seed: int) -> list[dict[str, str]]:
-    """Alpaca rows of three small tasks (opposites, colours, successors)."""
-    rng = random.Random(seed)
-    opposites = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "wet": "dry"}
-    colors = {"milk": "white", "ink": "black", "sky": "blue", "grass": "green"}
-    out = []
-    for _ in range(count):
-        task = rng.randrange(3)
-        if task == 0:
-            word = rng.choice(sorted(opposites))
-            out.append({"instruction": "Give the opposite word.", "input": word,
-                        "output": opposites[word]})
-        elif task == 1:
-            thing = rng.choice(sorted(colors))
-            out.append({"instruction": "Name the color.", "input": thing, "output": colors[thing]})
-        else:
-            n = rng.randrange(50)
-            out.append({"instruction": "What number comes next?", "input": str(n),
-                        "output": str(n + 1)})
-    return out
 
 
 def make(folder: Path, **keys: Any) -> Recipe:
@@ -84,7 +58,7 @@ def make(folder: Path, **keys: Any) -> Recipe:
 def prepared(tmp_path_factory) -> dict[str, Any]:
     """The tiny base model and tokenized rows, built once through the stages."""
     folder = tmp_path_factory.mktemp("kernels_train")
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(64, seed=0)))
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in quickstart_like_rows(64, seed=0)))
     recipe = make(folder)
     store = ArtifactStore(folder / "store")
     base = base_model_stage(recipe, store, "tiny")
