@@ -1,5 +1,5 @@
 """A real `tunegraph dev` (Dagster webserver + daemon) for tests, GraphQL helpers (runs,
-backfills, sensors), and the quickstart recipe shrunk to train in seconds."""
+backfills, sensors), and the quickstart recipe shrunk for them."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ BACKFILL_DONE = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED",
 
 
 def write_tiny_quickstart(folder: Path) -> Path:
-    """The quickstart recipe and data in `folder`, at a size that trains in seconds: 20 steps,
-    a checkpoint at step 10 (partitions quickstart__step-000010 and quickstart__final)."""
+    """The quickstart recipe and data in `folder`, trained for 20 steps instead of 360, with a
+    checkpoint at step 10 (partitions quickstart__step-000010 and quickstart__final)."""
     (folder / "data").mkdir(parents=True)
     shutil.copy(EXAMPLES / "data" / "quickstart.jsonl", folder / "data")
     recipe = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
@@ -149,7 +149,9 @@ def launch_backfill(port: int, asset_paths: list[list[str]],
     """Start an asset backfill of the given (partitioned) assets over `partitions`, or over all
     their partitions, as the UI's Materialize dialog does; the daemon launches its runs.
     Returns the backfill id."""
-    params: dict = {"assetSelection": [{"path": p} for p in asset_paths], "title": title}
+    params: dict = {"assetSelection": [{"path": p} for p in asset_paths]}
+    if title:
+        params["title"] = title
     if partitions is None:
         params["allPartitions"] = True
     else:

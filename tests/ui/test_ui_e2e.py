@@ -59,13 +59,63 @@ def _dismiss_newsletter(page) -> None:
     skip.click()
 
 
+def _browse(port: int, backfill_id: str, shots: Path) -> None:
+    """The pages a user looks at after an eval backfill, each asserted and photographed."""
+    from playwright.sync_api import sync_playwright
+
+    base = f"http://127.0.0.1:{port}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(base)
+        _dismiss_newsletter(page)
+        graph = _shoot(page, f"{base}/locations/{LOCATION}/asset-groups/quickstart",
+                       "merged_model", shots / "asset-graph.png")
+        for name in ("tokenized_dataset", "adapter", "merged_model", "eval_scores", "eval_report"):
+            assert name in graph
+
+        scores = _shoot(page, f"{base}/assets/quickstart/eval_scores?partition={CHECKPOINTS[-1]}",
+                        "heldout_loss", shots / "eval-scores.png")
+        assert "trained/heldout_loss" in scores and "base/heldout_loss" in scores
+
+        # How a user starts the backfill: Materialize... on eval_scores, All partitions.
+        page.goto(f"{base}/assets/quickstart/eval_scores")
+        page.get_by_role("button", name="Materialize…").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Launch runs to materialize").wait_for(timeout=30_000)
+        dialog.get_by_role("button", name="All", exact=True).click()
+        dialog.get_by_text(f"{len(CHECKPOINTS)} partitions").wait_for(timeout=30_000)
+        page.wait_for_timeout(1_000)
+        page.screenshot(path=str(shots / "eval-backfill-launch.png"))
+        assert dialog.get_by_role("button", name="Launch backfill").is_enabled()
+        dialog.get_by_role("button", name="Cancel").click()
+
+        backfill = _shoot(page, f"{base}/runs/b/{backfill_id}?tab=runs", CHECKPOINTS[0],
+                          shots / "eval-backfill.png")
+        assert backfill_id in backfill and "Succeeded" in backfill
+        for partition in CHECKPOINTS:
+            assert f"partition: {partition}" in backfill, backfill
+
+        report = _shoot(page, f"{base}/assets/quickstart/eval_report", CHECKPOINTS[-1],
+                        shots / "eval-report.png")
+        # The markdown table rendered: one row per checkpoint after the base model (step 0).
+        for cells in (("0", "base model"), ("10", CHECKPOINTS[0]), ("20", CHECKPOINTS[1])):
+            assert "\t".join(cells) in report, report
+        # The plot is markdown metadata too (a PNG data URI), behind its [Show Markdown] link.
+        page.get_by_text("[Show Markdown]").first.click()
+        plot = page.get_by_role("dialog").locator("img[src^='data:image/png']")
+        plot.wait_for(timeout=30_000)
+        page.wait_for_timeout(1_000)
+        assert plot.bounding_box()["height"] > 200, plot.bounding_box()
+        page.screenshot(path=str(shots / "eval-report-plot.png"))
+        browser.close()
+
+
 def _log(workdir: Path) -> str:
     return (workdir / "dev.log").read_text()[-3000:]
 
 
 def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
-    from playwright.sync_api import sync_playwright
-
     recipes = tmp_path / "recipes"
     write_tiny_quickstart(recipes)
     shots = tmp_path / "shots"
@@ -80,10 +130,9 @@ def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
                 and n["assetKey"]["path"][-1] != "eval_report"]
         assert wait_for_run(port, launch_assets(port, keys)) == "SUCCESS", _log(tmp_path)
 
-        # What the UI's "Materialize all..." on eval_scores starts: a backfill over every
-        # checkpoint, one run per partition, launched by the daemon.
-        backfill_id = launch_backfill(port, [["quickstart", "eval_scores"]],
-                                      title="quickstart: evals over every checkpoint")
+        # What Materialize... on eval_scores with All partitions starts (_browse shows the
+        # dialog): a backfill over every checkpoint, one run per partition, by the daemon.
+        backfill_id = launch_backfill(port, [["quickstart", "eval_scores"]])
         backfill = wait_for_backfill(port, backfill_id)
         assert backfill["status"] == "COMPLETED_SUCCESS", (backfill, _log(tmp_path))
         assert sorted(backfill["partitionNames"]) == sorted(CHECKPOINTS)
@@ -98,33 +147,7 @@ def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
         report_run = launch_assets(port, [["quickstart", "eval_report"]])
         assert wait_for_run(port, report_run) == "SUCCESS", _log(tmp_path)
 
-        base = f"http://127.0.0.1:{port}"
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(base)
-            _dismiss_newsletter(page)
-            graph = _shoot(page, f"{base}/locations/{LOCATION}/asset-groups/quickstart",
-                           "merged_model", shots / "asset-graph.png")
-            for name in ("tokenized_dataset", "adapter", "merged_model", "eval_scores",
-                         "eval_report"):
-                assert name in graph
-            scores = _shoot(page, f"{base}/assets/quickstart/eval_scores?partition="
-                                  f"{CHECKPOINTS[-1]}", "heldout_loss", shots / "eval-scores.png")
-            assert "trained/heldout_loss" in scores and "base/heldout_loss" in scores
-            runs = _shoot(page, f"{base}/runs/b/{backfill_id}?tab=runs", CHECKPOINTS[0],
-                          shots / "eval-backfill.png")
-            assert "quickstart: evals over every checkpoint" in runs
-            for partition in CHECKPOINTS:
-                assert partition in runs
-            report = _shoot(page, f"{base}/assets/quickstart/eval_report", "base model",
-                            shots / "eval-report.png")
-            for row in ("| 0 | base model", "| 10 | quickstart__step-000010",
-                        "| 20 | quickstart__final"):
-                # The table is rendered: the row's cells are there, without the pipes.
-                cells = [c.strip() for c in row.split("|") if c.strip()]
-                assert "\t".join(cells) in report or " ".join(cells) in report, report[-2000:]
-            browser.close()
+        _browse(port, backfill_id, shots)
 
     for shot in shots.iterdir():
         assert shot.stat().st_size > 20_000, f"{shot.name} looks blank"
