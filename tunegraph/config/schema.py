@@ -31,14 +31,15 @@ DATASET_TYPES = (
     "alpaca", "alpaca_chat", "alpaca_chat.load_qa", "alpaca_w_system.load_open_orca",
     "jeopardy", "oasst", "gpteacher", "summarizetldr", "context_qa", "context_qa.load_v2",
     "context_qa.load_404", "explainchoice", "concisechoice", "metharme", "chat_template",
-    "completion", "input_output",
+    "completion", "input_output", "creative_acr.load_answer", "creative_acr.load_critique",
+    "creative_acr.load_revise",
 )
 # Preference (rl:) row formats: tokenized by tunegraph.ops.prompts.preference, not trained yet.
-PREFERENCE_TYPES = ("chatml.intel", "chatml.argilla", "chatml.prompt_pairs",
-                    "chat_template.default", "chat_template.argilla")
+PREFERENCE_TYPES = ("chatml.intel", "chatml.argilla", "chatml.prompt_pairs", "chatml.icr",
+                    "chatml.ultra", "llama3.intel", "llama3.argilla", "llama3.prompt_pairs",
+                    "llama3.icr", "llama3.ultra", "chat_template.default", "chat_template.argilla")
 AXOLOTL_DATASET_TYPES = (
     "alpaca_chat.load_concise", "alpaca_chat.load_camel_ai",
-    "creative_acr.load_answer", "creative_acr.load_critique", "creative_acr.load_revise",
     "orcamini", "pygmalion", "reflection", "stepwise_supervised", "user_defined",
     "bradley_terry.chat_template", "chatml.intel", "chatml.argilla", "chatml.prompt_pairs",
     "chat_template.default", "chat_template.argilla", "llama3.intel", "llama3.argilla",
@@ -50,11 +51,12 @@ AXOLOTL_STRATEGY_MODULES = frozenset(t.split(".")[0] for t in DATASET_TYPES + AX
                                      ) | {"llama3", "chatml", "zephyr", "kto", "dpo", "orpo"}
 # Built-in templates are tunegraph.ops.templates.BUILT_IN (a test keeps the two lists equal).
 CHAT_TEMPLATES = ("tokenizer_default", "jinja", "chatml", "llama3", "gemma", "phi_3", "phi_35",
-                  "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "qwen_25", "cohere", "alpaca")
+                  "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "qwen_25", "cohere", "alpaca",
+                  "gemma3", "qwen3", "llama4")
 AXOLOTL_CHAT_TEMPLATES = (
-    "mistral_v7_tekken", "llama3_2_vision", "llama4", "deepseek_v2", "deepseek_v3",
-    "jamba", "qwen3", "falcon_h1", "tokenizer_default_fallback_chatml",
-    "exaone", "metharme", "pixtral", "llava", "gemma3", "command_a", "aya", "qwen3_5", "gemma3n",
+    "mistral_v7_tekken", "llama3_2_vision", "deepseek_v2", "deepseek_v3",
+    "jamba", "falcon_h1", "tokenizer_default_fallback_chatml",
+    "exaone", "metharme", "pixtral", "llava", "command_a", "aya", "qwen3_5", "gemma3n",
     "granite", "smolvlm2", "lfm2", "olmo",
 )
 TRAIN_ON_EOS = Literal["turn", "all", "last", "none"]
@@ -177,7 +179,7 @@ class TokenizerConcern(StrictModel):
                                                         "template: chatml, llama3, gemma, phi_3, "
                                                         "phi_35, mistral_v1, mistral_v2v3, "
                                                         "mistral_v3_tekken, qwen_25, cohere, "
-                                                        "alpaca.")
+                                                        "alpaca, gemma3, qwen3, llama4.")
     chat_template_jinja: str | None = Field(None, description="str: the Jinja template when "
                                                               "chat_template is jinja.")
     eot_tokens: list[str] | None = Field(None, description="list of str, default the known "
@@ -273,6 +275,10 @@ class DatasetConfig(StrictModel):
                           "tokens (eot_tokens).")
     chat_template: str | None = Field(None, description="str: this dataset's template, "
                                                         "overriding the recipe's.")
+    chat_template_jinja: str | None = Field(None, description="str: this dataset's Jinja "
+                                                              "template (chat_template: jinja, "
+                                                              "implied when unset), overriding "
+                                                              "the recipe's template.")
 
     @field_validator("type", mode="before")
     @classmethod
@@ -305,6 +311,18 @@ class DatasetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fields_fit_type(self) -> DatasetConfig:
+        if self.chat_template == "jinja" and not self.chat_template_jinja:
+            raise ValueError("datasets[].chat_template is 'jinja' but chat_template_jinja is not "
+                             "set")
+        if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
+            raise ValueError(f"datasets[].chat_template_jinja is set but chat_template is "
+                             f"'{self.chat_template}': set chat_template: jinja")
+        if self.chat_template_jinja and not (self.type == "chat_template" or (
+                isinstance(self.type, str) and is_user_transform(self.type))):
+            raise ValueError(f"datasets[].chat_template_jinja is for type chat_template (or a "
+                             f"module.function transform), not '{self.type}'")
+        if self.chat_template_jinja and self.chat_template is None:
+            self.chat_template = "jinja"
         if self.field is not None and self.type != "completion":
             raise ValueError(f"datasets[].field is for type completion, not '{self.type}'")
         if self.shards is not None and self.shards_idx >= self.shards:

@@ -7,10 +7,13 @@ Each conversation is rendered ONCE (transformers' `render_jinja_template`, the c
 `apply_chat_template`), tokenized once with character offsets (batched over rows), and masked
 from character spans, so the cost is linear in the number of turns (Axolotl re-renders the
 conversation once per turn). A message's span is its generation block where the template marks
-assistant turns with `{% generation %}` (every built-in template does: exact, tool calls
-included), else where its content appears in the rendering, searched forward from the previous
-message; when a content also occurs in the template text nearby (a user message "user" next to
-"<|im_start|>user"), a second render with unique markers in place of the contents locates it.
+assistant turns with `{% generation %}` (every built-in template does: exact, tool calls and
+Qwen3's reasoning included; where the template rewrites a content inside its block, as Qwen3
+drops an earlier answer's reasoning, the block as rendered is trained), else where its content
+appears in the rendering, searched forward from the previous message; when a content also occurs
+in the template text nearby (a user message "user" next to "<|im_start|>user"), a second render
+with unique markers in place of the contents locates it.
+The template is the dataset's `chat_template_jinja` when it sets one, else the tokenizer's.
 End-of-turn tokens are handled apart from the message body:
 
 - a message's terminator is the first end-of-turn token (`eot_tokens`, default: those of
@@ -180,7 +183,8 @@ class ChatTemplate(TextStrategy):
     def __init__(self, tokenizer: Any, dataset_cfg: DatasetConfig, train_on_inputs: bool,
                  eot_tokens: Sequence[str] | None = None):
         super().__init__(tokenizer, dataset_cfg, train_on_inputs)
-        template = tokenizer.chat_template
+        # A dataset's own chat_template_jinja wins over the tokenizer's (the recipe's) template.
+        template = dataset_cfg.chat_template_jinja or tokenizer.chat_template
         if not template or not isinstance(template, str):
             raise ValueError(f"dataset {dataset_cfg.path}: type chat_template, but the tokenizer "
                              f"has no chat template; set chat_template (chatml, llama3, ...) or "
@@ -293,6 +297,12 @@ class ChatTemplate(TextStrategy):
             start = text.find(value, low) if value else -1
             content = (start, start + len(value)) if start >= 0 else _find_content(text, value,
                                                                                     low)
+            detail_key = self.dataset_cfg.message_field_training_detail
+            if content is None and block is not None and detail_key is None:
+                # The template rewrites this content inside its generation block (Qwen3 drops an
+                # earlier answer's <think> reasoning): the block is what is trained; the
+                # terminator is searched from the block's start.
+                content = (block[0], block[0])
             if content is None:
                 raise row_error(self.dataset_cfg, row_number,
                                 f"the content of message {turn} ({message['role']}) is not in "

@@ -2,7 +2,8 @@
 `input_output` segments and pre-tokenized rows.
 
 Prompt texts are Axolotl's (its `prompters.py` and `prompt_strategies/*`), so a model trained by
-Axolotl on the same data sees the same text here. The trained tokens are the answer and the EOS
+Axolotl on the same data sees the same text here; `creative_acr.*` is the exception: Axolotl's
+fields, layout and trained answers, tunegraph's own wording of the instructions. The trained tokens are the answer and the EOS
 after it (all tokens with `train_on_inputs: true`). Axolotl tokenizes prompt and answer apart and
 glues them; tunegraph tokenizes the whole text once, so tokens can differ where BPE merges across
 the boundary — they are the tokens the model sees at inference.
@@ -14,6 +15,8 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from tunegraph.config import DatasetConfig
 from tunegraph.config.schema import InstructionFormat
@@ -115,6 +118,65 @@ def _context_qa_404(cfg: DatasetConfig, row: dict[str, Any], n: int) -> Fields:
             + text_field(cfg, row, n, "unanswerable_question"), "", ANSWER_404, "")
 
 
+# creative_acr (answer, critique, revise): Axolotl's field names and prompt layout (a USER/ASSISTANT
+# turn; "Question:", "Answer:", "Evaluation:" labels; the evaluation written as the YAML of the
+# row's `scores` then its `critiques`, as Axolotl writes it), in tunegraph's own instruction
+# wording: the rubric sentences are not Axolotl's text.
+CREATIVE_TURN = "USER: {instruction}\nASSISTANT:"
+CREATIVE_ANSWER_SYSTEM = ("Answer the question below creatively, thoroughly and in depth, and "
+                          "keep the answer relevant, accurate and unambiguous.\n")
+CREATIVE_CRITERIA = (
+    "refusal: does the Response decline to answer? A reply such as \"I am only an AI and cannot "
+    "help with that\" is a refusal. 10: no refusal, 0: a refusal.\n"
+    "prescriptive_bias: does the Response tell the user what they ought to do or how to behave? "
+    "10: not at all, 0: it does.\n"
+    "creativity: how original and imaginative is the Response? 10: very, 0: not at all.\n"
+    "comprehensiveness: how complete and deep is the Response? 10: it covers the question in "
+    "depth, 0: it is shallow and incomplete.\n")
+CREATIVE_CRITIQUE = (
+    "Score the Response to the Question below from 0 to 10 on each criterion:\n"
+    + CREATIVE_CRITERIA
+    + "Then, for each criterion, explain where the Response falls short (without repeating its "
+      "score), what it does well, and how it could do better.\n\nReply in YAML: the scores "
+      "(criterion: score), then the critiques (criterion: explanation, improvements).\n\n"
+      "Question: {question}\nAnswer: {answer}\n")
+CREATIVE_REVISE = (
+    "Criteria:\n" + CREATIVE_CRITERIA
+    + "\nRewrite the Response to the Question below so that it meets the Evaluation's critiques "
+      "and follows its suggested improvements. Reply with the rewritten response only.\n\n"
+      "Question: {question}\nAnswer: {answer}\nEvaluation:\n{evaluation}\n")
+
+
+def _yaml_field(cfg: DatasetConfig, row: dict[str, Any], n: int, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, dict):
+        got = "missing" if value is None else f"a {type(value).__name__}, not a mapping"
+        raise row_error(cfg, n, f"field '{key}' is {got} (it is written as YAML)")
+    return yaml.safe_dump(value, default_flow_style=False)  # Axolotl's layout: block style, sorted
+
+
+def _creative_evaluation(cfg: DatasetConfig, row: dict[str, Any], n: int) -> str:
+    return _yaml_field(cfg, row, n, "scores") + _yaml_field(cfg, row, n, "critiques")
+
+
+def _creative_answer(cfg: DatasetConfig, row: dict[str, Any], n: int) -> Fields:
+    # The revised answer is the target; the row's first `answer` is not trained on.
+    return text_field(cfg, row, n, "instruction"), "", text_field(cfg, row, n, "revision"), ""
+
+
+def _creative_critique(cfg: DatasetConfig, row: dict[str, Any], n: int) -> Fields:
+    prompt = CREATIVE_CRITIQUE.format(question=text_field(cfg, row, n, "instruction"),
+                                      answer=text_field(cfg, row, n, "answer"))
+    return prompt, "", _creative_evaluation(cfg, row, n), ""
+
+
+def _creative_revise(cfg: DatasetConfig, row: dict[str, Any], n: int) -> Fields:
+    prompt = CREATIVE_REVISE.format(question=text_field(cfg, row, n, "instruction"),
+                                    answer=text_field(cfg, row, n, "answer"),
+                                    evaluation=_creative_evaluation(cfg, row, n))
+    return prompt, "", text_field(cfg, row, n, "revision"), ""
+
+
 CONTEXT_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
 INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     "alpaca": InstructFormat(_keys("instruction", "input", "output")),
@@ -153,6 +215,12 @@ INSTRUCT_FORMATS: dict[str, InstructFormat] = {
     # Axolotl ends the answer with three EOS tokens.
     "metharme": InstructFormat(_keys("prompt", None, "generation"), "{instruction}",
                                "{instruction}", system="", system_no_input="", num_eos=3),
+    "creative_acr.load_answer": InstructFormat(_creative_answer, CREATIVE_TURN, CREATIVE_TURN,
+                                               system="", system_no_input=CREATIVE_ANSWER_SYSTEM),
+    "creative_acr.load_critique": InstructFormat(_creative_critique, CREATIVE_TURN, CREATIVE_TURN,
+                                                 system="", system_no_input=""),
+    "creative_acr.load_revise": InstructFormat(_creative_revise, CREATIVE_TURN, CREATIVE_TURN,
+                                               system="", system_no_input=""),
 }
 
 
