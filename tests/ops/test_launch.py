@@ -23,7 +23,13 @@ from train_support import GOLDEN_RTOL, RUNS, make, quickstart_like_rows, stored_
 from transformers import AutoModelForCausalLM
 
 from tunegraph.ops.artifacts import ArtifactStore
-from tunegraph.ops.launch import LAUNCH_DIR, LaunchError, LaunchSpec, launch_training
+from tunegraph.ops.launch import (
+    LAUNCH_DIR,
+    LaunchError,
+    LaunchSpec,
+    launch_command,
+    launch_training,
+)
 from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
 from tunegraph.ops.train import train
 
@@ -143,6 +149,8 @@ def test_launch_spec_is_checked():
         LaunchSpec("mpirun", 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_processes > 1 needs launcher torchrun"):
         LaunchSpec("python", 2)
+    with pytest.raises(ValueError, match="launcher accelerate: .* on CUDA GPUs only"):
+        launch_command(LaunchSpec("accelerate", 2), Path("job.json"), Path("logs"))
 
 
 def test_a_half_written_checkpoint_is_neither_resumed_nor_kept(tmp_path):

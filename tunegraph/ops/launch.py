@@ -84,7 +84,16 @@ def launch_command(spec: LaunchSpec, job_file: Path, log_dir: Path) -> list[str]
                 "--nproc-per-node", str(spec.num_processes), "--max-restarts", "0",
                 "--log-dir", str(log_dir), "--tee", "3", *worker]
     if spec.launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+        import torch
+
+        # Precision and sharding come from the recipe through TrainingArguments, not from
+        # accelerate's own config file (which `accelerate config` may have left on the machine).
+        if not torch.cuda.is_available() and spec.num_processes > 1:
+            # `accelerate launch --cpu` starts one process (several CPU processes need MPI).
+            raise ValueError("launcher accelerate: several processes run on CUDA GPUs only; on "
+                             "CPUs use --launcher torchrun (gloo)")
+        where = ["--multi_gpu"] if spec.num_processes > 1 else []
+        return [sys.executable, "-m", "accelerate.commands.launch", *where, "--num_processes",
                 str(spec.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
                 "--mixed_precision", "no", *worker]
     return [sys.executable, *worker]
