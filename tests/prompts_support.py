@@ -16,6 +16,20 @@ from tunegraph.config import DatasetConfig
 from tunegraph.ops.prompts import IGNORE_INDEX, make_strategy
 
 GOLDEN_MASKS = Path(__file__).resolve().parent / "golden" / "masks"
+# Every built-in template's special tokens (and Qwen3's <think> tags), so that golden masks show
+# them as one token each, as the model families' tokenizers do.
+TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
+                   "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                   "[INST]", "[/INST]", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                   "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<tool_call>",
+                   "</tool_call>", "<tool_response>", "</tool_response>", "<|header_start|>",
+                   "<|header_end|>", "<|eot|>", "<think>", "</think>"]
+
+
+def with_template_tokens(tokenizer: Any) -> Any:
+    """The tokenizer, knowing TEMPLATE_TOKENS as special tokens."""
+    tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
+    return tokenizer
 
 
 def trained_spans(tokenizer: Any, encoded: dict[str, list[int]]) -> list[str]:

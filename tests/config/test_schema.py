@@ -79,11 +79,12 @@ def test_missing_required_keys():
     ({"optimizer": "adamw_8bit"}, "optimizer", "adamw_8bit",
      "adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop"),
     ({"lr_scheduler": "one_cycle"}, "lr_scheduler", "one_cycle", "linear, cosine"),
-    ({"chat_template": "llama4"}, "chat_template", "llama4", "tokenizer_default, jinja, chatml"),
+    ({"chat_template": "deepseek_v3"}, "chat_template", "deepseek_v3",
+     "tokenizer_default, jinja, chatml"),
     ({"datasets": [{"path": "d.jsonl", "type": "sharegpt"}]}, "datasets[0].type", "sharegpt",
      "alpaca, alpaca_chat"),
-    ({"datasets": [{"path": "d.jsonl", "type": "chat_template", "chat_template": "gemma3"}]},
-     "datasets[0].chat_template", "gemma3", "tokenizer_default, jinja, chatml"),
+    ({"datasets": [{"path": "d.jsonl", "type": "chat_template", "chat_template": "gemma3n"}]},
+     "datasets[0].chat_template", "gemma3n", "tokenizer_default, jinja, chatml"),
 ])
 def test_axolotl_only_values_are_not_supported_yet(keys, key, value, supported):
     (problem,) = problems(**keys)

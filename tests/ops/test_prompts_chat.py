@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from prompts_support import assert_golden, encode, trained_spans
+from prompts_support import assert_golden, encode, trained_spans, with_template_tokens
 
 from tunegraph.config import DatasetConfig
 from tunegraph.ops.prompts import IGNORE_INDEX, make_strategy
@@ -19,18 +19,12 @@ CONVERSATION = [{"role": "system", "content": "be brief"},
                 {"role": "assistant", "content": "hello there"},
                 {"role": "user", "content": "how are you"},
                 {"role": "assistant", "content": "fine thanks"}]
-TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
-                   "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-                   "[INST]", "[/INST]", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
-                   "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<tool_call>",
-                   "</tool_call>", "<tool_response>", "</tool_response>"]
 
 
 @pytest.fixture
 def template_tokenizer(tokenizer):
     """The tiny tokenizer knowing every built-in template's special tokens."""
-    tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
-    return tokenizer
+    return with_template_tokens(tokenizer)
 
 
 def with_template(tokenizer, name):
@@ -118,9 +112,9 @@ def test_eot_tokens_and_train_on_eot_apart_from_eos(template_tokenizer):
     with pytest.raises(ValueError, match="EOS token is one of the end-of-turn tokens"):
         encode(tokenizer, {"messages": CONVERSATION}, type="chat_template",
                eot_tokens=["</s>"], train_on_eos="turn", train_on_eot="none")
-    with pytest.raises(ValueError, match="eot_tokens: '<\\|eot\\|>' is not one token"):
+    with pytest.raises(ValueError, match="eot_tokens: '<\\|turn_end\\|>' is not one token"):
         encode(tokenizer, {"messages": CONVERSATION}, type="chat_template",
-               eot_tokens=["<|eot|>"])
+               eot_tokens=["<|turn_end|>"])
 
 
 def test_tool_calls_and_tool_turns(template_tokenizer):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+from prompts_support import with_template_tokens
 
 from tunegraph.config import load_recipe
 from tunegraph.config.schema import PreferenceDatasetConfig
@@ -15,6 +16,9 @@ from tunegraph.ops.prompts.preference import grpo_rows, make_preference_strategy
 
 CHATML_PROMPT = ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nwhat is the capital "
                  "of france?<|im_end|>\n<|im_start|>assistant\n")
+LLAMA3_PROMPT = ("<|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\nwhat is the capital of france?"
+                 "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def strategy(tokenizer, rl, **keys):
@@ -66,6 +70,68 @@ def test_dpo_chatml_formats_match_trl(tokenizer, tmp_path, kind, row, prompt):
         assert ours[key] == reference[key], key
     assert tokenizer.decode(ours["chosen_ids"]) == "paris<|im_end|></s>"
     assert tokenizer.decode(ours["prompt_ids"]) == "<s>" + prompt
+
+
+QUESTION = "what is the capital of france?"
+ULTRA = {"system": "be brief", "prompt": QUESTION,
+         "chosen": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "paris"}],
+         "rejected": [{"role": "user", "content": QUESTION},
+                      {"role": "assistant", "content": "rome"}]}
+# Axolotl's docs/rlhf.qmd fields: the llama3.* formats read what the chatml.* ones read.
+FIELDS = {"intel": {"system": "be brief", "question": QUESTION, "chosen": "paris",
+                    "rejected": "rome"},
+          "argilla": {"system": "be brief", "instruction": QUESTION,
+                      "chosen_response": "paris", "rejected_response": "rome"},
+          "prompt_pairs": {"system": "be brief", "prompt": QUESTION, "chosen": "paris",
+                           "rejected": "rome"},
+          "icr": {"system": "be brief", "input": QUESTION, "chosen": "paris", "rejected": "rome"},
+          "ultra": ULTRA}
+FAMILY_CASES = [(f"{family}.{name}", row, prompt, end)
+                for family, prompt, end in (("llama3", LLAMA3_PROMPT, "<|eot_id|>"),
+                                            ("chatml", CHATML_PROMPT, "<|im_end|>"))
+                for name, row in FIELDS.items()]
+
+
+@pytest.mark.parametrize("kind, row, prompt, end", FAMILY_CASES, ids=[c[0] for c in FAMILY_CASES])
+def test_dpo_llama3_and_chatml_formats_match_trl(tokenizer, tmp_path, kind, row, prompt, end):
+    """Llama-3 header prompts (no <|begin_of_text|>: the tokenizer adds BOS, as TRL tokenizes),
+    answers ending with <|eot_id|>; `ultra` takes the answer from message 1 of each conversation."""
+    tokenizer = with_template_tokens(tokenizer)
+    dpo = strategy(tokenizer, "dpo", type=kind)
+    formatted = dpo.format(row, 0)
+    assert formatted == {"prompt": prompt, "chosen": "paris" + end, "rejected": "rome" + end}
+    ours = dpo(row, 0)
+    reference = trl_dpo(tokenizer, [formatted], tmp_path)[0]
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[key] == reference[key], key
+    assert tokenizer.decode(ours["prompt_ids"]) == "<s>" + prompt
+    assert tokenizer.decode(ours["rejected_ids"]) == f"rome{end}</s>"
+    no_system = dpo.format({k: v for k, v in row.items() if k != "system"}, 0)
+    user_turn = prompt.split("be brief" + end, 1)[1].lstrip("\n")
+    assert no_system["prompt"] == user_turn  # no system turn at all
+
+
+@pytest.mark.parametrize("kind, row", [
+    ("llama3.intel", {"system": "be brief", "question": QUESTION, "completion": "paris",
+                      "label": True}),
+    ("llama3.argilla", {"instruction": "hi", "completion": "rome", "label": False}),
+    ("llama3.prompt_pairs", {"prompt": "hi", "completion": "rome", "label": False}),
+    ("llama3.ultra", {"system": "be brief", "prompt": QUESTION, "completion": "paris",
+                      "label": True}),
+    ("chatml.ultra", {"prompt": "hi", "completion": "rome", "label": False}),
+])
+def test_kto_llama3_formats_match_trl(tokenizer, tmp_path, kind, row):
+    tokenizer = with_template_tokens(tokenizer)
+    kto = strategy(tokenizer, "kto", type=kind)
+    formatted = kto.format(row, 0)
+    end = "<|eot_id|>" if kind.startswith("llama3") else "<|im_end|>"
+    assert formatted["completion"] == row["completion"] + end
+    assert formatted["prompt"].endswith(("<|start_header_id|>assistant<|end_header_id|>\n\n",
+                                         "<|im_start|>assistant\n"))
+    reference = trl_kto(tokenizer, [formatted], tmp_path)[0]
+    ours = kto(row, 0)
+    assert (ours["prompt_ids"], ours["completion_ids"]) == (reference["prompt_ids"],
+                                                           reference["completion_ids"])
 
 
 def test_dpo_user_defined_mapping(tokenizer, tmp_path):
@@ -158,6 +224,8 @@ def test_kto_user_defined_mapping(tokenizer, tmp_path):
     ("dpo", {"type": "chat_template.default"}, {"messages": [{"role": "user", "content": "q"}],
                                                 "chosen": "a", "rejected": {"role": "x"}},
      "field 'chosen' must be a message"),
+    ("dpo", {"type": "llama3.ultra"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+     "field 'chosen' must be a conversation of at least two messages"),
 ])
 def test_bad_preference_rows(tokenizer, rl, keys, row, message):
     with pytest.raises(ValueError, match=f"p.jsonl, row 5 .*{message}"):
@@ -168,8 +236,8 @@ def test_preference_type_errors(tokenizer):
     with pytest.raises(ValueError, match="'chat_template.default' is for rl dpo, ipo, simpo, "
                                          "not 'kto'"):
         strategy(tokenizer, "kto", type="chat_template.default")
-    with pytest.raises(ValueError, match="type: unknown value 'chatml.ultra'"):
-        PreferenceDatasetConfig(path="p", type="chatml.ultra")
+    with pytest.raises(ValueError, match="type: unknown value 'chatml.nope'"):
+        PreferenceDatasetConfig(path="p", type="chatml.nope")
     with pytest.raises(ValueError, match="rl: 'grpo' has no preference row format"):
         strategy(tokenizer, "grpo", type="chatml.intel")
     with pytest.raises(ValueError, match="fields are for KTO, but rl is 'dpo'"):

@@ -9,8 +9,9 @@ family sees at inference) and wraps every assistant turn, its end-of-turn token 
 work with them, and tunegraph's masks cover tool calls (see `tunegraph.ops.prompts.chat`).
 transformers compiles templates with `trim_blocks` and `lstrip_blocks`, so every template here
 writes its text through `{{ ... }}` expressions only: the layout of the Jinja source never leaks
-into the rendering. `tests/ops/test_templates.py` renders each one with a sample conversation and
-checks the exact text.
+into the rendering. `tests/ops/test_prompts_templates.py` renders each one with a sample
+conversation and checks the exact text. The templates are written from each family's published
+format (model cards, the official tokenizer templates' behaviour), not copied from Axolotl.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@
                                        #   rejected_ids (DPO/ORPO) or prompt_ids, completion_ids
     grpo_rows(dataset_cfg, rows, search_dirs)   # GRPO: the user's transform applied to every row
 
-Formats (Axolotl's names, `docs/rlhf.qmd`): DPO/IPO `chatml.intel`, `chatml.argilla`,
-`chatml.prompt_pairs`, `chat_template.default` and a user-defined mapping; ORPO
-`chat_template.argilla`; KTO `chatml.intel`, `chatml.argilla`, `chatml.prompt_pairs` and a
-user-defined mapping; GRPO `module.function` transforms returning `(map_fn, {"remove_columns"})`.
+Formats (Axolotl's names, `docs/rlhf.qmd`): DPO/IPO `chatml.*` and `llama3.*` (`intel`,
+`argilla`, `prompt_pairs`, `icr`, `ultra`: the same fields, ChatML or Llama-3 header prompts),
+`chat_template.default` and a user-defined mapping; ORPO `chat_template.argilla`; KTO `chatml.*`
+and `llama3.*` (`intel`, `argilla`, `prompt_pairs`, `ultra`) and a user-defined mapping; GRPO
+`module.function` transforms returning `(map_fn, {"remove_columns"})`.
 
 Tokenization follows TRL's `DPOTrainer`/`KTOTrainer._prepare_dataset` for text datasets: EOS is
 appended to each completion, the tokenizer adds its special tokens, and the completion starts
@@ -40,6 +41,17 @@ RL_KINDS = (*RL_PAIRED, "kto", "grpo")
 def _chatml_prompt(system: str, user: str) -> str:
     head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
     return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _llama3_prompt(system: str, user: str) -> str:
+    # No <|begin_of_text|>: the tokenizer adds BOS when TRL tokenizes the prompt.
+    head = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
+    return (f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+# Each family: (prompt writer, what ends an answer).
+FAMILIES = {"chatml": (_chatml_prompt, "<|im_end|>"), "llama3": (_llama3_prompt, "<|eot_id|>")}
 
 
 class PreferenceStrategy:
@@ -83,20 +95,37 @@ def _system(cfg: Any, row: dict[str, Any], n: int, key: str = "system") -> str:
     return text_field(cfg, row, n, key, optional=True)
 
 
-def _paired_chatml(question_key: str, chosen_key: str, rejected_key: str) -> Callable:
+def _answer(cfg: Any, row: dict[str, Any], n: int, key: str, from_conversation: bool) -> str:
+    """`row[key]`, or for the `ultra` formats the content of message 1 (the first answer) of the
+    conversation `row[key]`, as Axolotl reads UltraFeedback rows."""
+    if not from_conversation:
+        return text_field(cfg, row, n, key)
+    messages = row.get(key)
+    if not (isinstance(messages, list) and len(messages) >= 2 and isinstance(messages[1], dict)):
+        raise row_error(cfg, n, f"field '{key}' must be a conversation of at least two messages "
+                                f"(user, assistant)")
+    return text_field(cfg, messages[1], n, "content", where=f"{key}[1]")
+
+
+def _paired(family: str, question_key: str, chosen_key: str, rejected_key: str,
+            from_conversation: bool = False) -> Callable:
+    write_prompt, end = FAMILIES[family]
+
     def fmt(cfg: PreferenceDatasetConfig, row: dict[str, Any], n: int) -> dict[str, Any]:
-        prompt = _chatml_prompt(_system(cfg, row, n), text_field(cfg, row, n, question_key))
+        prompt = write_prompt(_system(cfg, row, n), text_field(cfg, row, n, question_key))
         return {"prompt": prompt,
-                "chosen": text_field(cfg, row, n, chosen_key) + "<|im_end|>",
-                "rejected": text_field(cfg, row, n, rejected_key) + "<|im_end|>"}
+                "chosen": _answer(cfg, row, n, chosen_key, from_conversation) + end,
+                "rejected": _answer(cfg, row, n, rejected_key, from_conversation) + end}
     return fmt
 
 
-def _kto_chatml(question_key: str) -> Callable:
+def _kto(family: str, question_key: str) -> Callable:
+    write_prompt, end = FAMILIES[family]
+
     def fmt(cfg: PreferenceDatasetConfig, row: dict[str, Any], n: int) -> dict[str, Any]:
-        prompt = _chatml_prompt(_system(cfg, row, n), text_field(cfg, row, n, question_key))
+        prompt = write_prompt(_system(cfg, row, n), text_field(cfg, row, n, question_key))
         return {"prompt": prompt,
-                "completion": text_field(cfg, row, n, "completion") + "<|im_end|>",
+                "completion": text_field(cfg, row, n, "completion") + end,
                 "label": _label(cfg, row, n, "label")}
     return fmt
 
@@ -211,13 +240,20 @@ def _user_defined_kto(mapping: KTOFormat) -> Callable:
     return fmt
 
 
-PAIRED_FORMATS = {"chatml.intel": _paired_chatml("question", "chosen", "rejected"),
-                  "chatml.argilla": _paired_chatml("instruction", "chosen_response",
-                                                   "rejected_response"),
-                  "chatml.prompt_pairs": _paired_chatml("prompt", "chosen", "rejected")}
-KTO_FORMATS = {"chatml.intel": _kto_chatml("question"),
-               "chatml.argilla": _kto_chatml("instruction"),
-               "chatml.prompt_pairs": _kto_chatml("prompt")}
+# The row fields of each format, as Axolotl's docs/rlhf.qmd lists them; chatml and llama3 read the
+# same fields and differ only in the prompt text.
+PAIRED_FORMATS = {f"{family}.{name}": _paired(family, *keys)
+                  for family in FAMILIES
+                  for name, keys in {"intel": ("question", "chosen", "rejected"),
+                                     "argilla": ("instruction", "chosen_response",
+                                                 "rejected_response"),
+                                     "prompt_pairs": ("prompt", "chosen", "rejected"),
+                                     "icr": ("input", "chosen", "rejected"),
+                                     "ultra": ("prompt", "chosen", "rejected", True)}.items()}
+KTO_FORMATS = {f"{family}.{name}": _kto(family, question_key)
+               for family in FAMILIES
+               for name, question_key in {"intel": "question", "argilla": "instruction",
+                                          "prompt_pairs": "prompt", "ultra": "prompt"}.items()}
 TEMPLATED = {"chat_template.default": ("dpo", "ipo", "simpo"), "chat_template.argilla": ("orpo",)}
 
 
