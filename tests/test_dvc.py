@@ -25,12 +25,13 @@ STAGE_ASSETS = {"base_model": "base_models/", "tokenized_dataset": "quickstart/t
                 "adapter": "quickstart/adapter", "merged_model": "quickstart/merged_model",
                 "eval_scores": "quickstart/eval_scores"}
 # Files of a training artifact whose bytes depend on the run, not on the content key: the
-# Trainer's train_runtime (log.json, metrics.json); the base model's absolute path, which PEFT
+# Trainer's train_runtime and tokens/s (log.json, metrics.json, each checkpoint's
+# trainer_state.json, whose log history counts tokens seen); the base model's absolute path, which PEFT
 # writes into adapter_config.json and README.md, and the pickled TrainingArguments (output paths).
 # PEFT also writes target_modules, a set, in the process's string-hash order. The weights, the
 # optimizer and RNG states and the tokenizer are byte-identical.
 RUN_LOCAL_FILES = {"log.json", "metrics.json", "adapter_config.json", "README.md",
-                   "training_args.bin"}
+                   "training_args.bin", "trainer_state.json"}
 
 
 def _adapter_config(path: Path) -> dict:
