@@ -37,6 +37,9 @@ from tunegraph.config import DatasetConfig  # noqa: E402
 from tunegraph.ops.base_model import build_tokenizer  # noqa: E402
 from tunegraph.ops.prompts import IGNORE_INDEX, make_strategy  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import percentile  # noqa: E402
+
 DEVICE = "2-core CPU, this workplace's dev machine"
 BATCH_ROWS = 256  # tunegraph.ops.tokenize.BATCH_ROWS
 WORDS = ("the of and to in is that it for on with as was at by an be this from or have not are "
@@ -120,14 +123,6 @@ def timed(fn, *args):
     done.set()
     sampler.join()
     return wall, cpu, max(peak[0], rss_mb()) - base, out
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def main() -> None:

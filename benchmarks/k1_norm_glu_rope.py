@@ -43,18 +43,13 @@ from tunegraph.kernels.rms_norm import rms_norm_reference  # noqa: E402
 from tunegraph.kernels.rope import apply_rotary_reference  # noqa: E402
 from tunegraph.kernels.swiglu import glu_reference  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import percentile  # noqa: E402
+
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, EPS = 4096, 32, 8, 128, 1e-6
 DTYPE = torch.bfloat16
 BF16_TOL = 4 * 2**-8  # tests/kernels: at most two bf16 roundings per element against float64
 PEERS = ("eager", "compile", "liger")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -59,6 +59,14 @@ def make_recipe(tmp_path: Path) -> Callable[..., Recipe]:
 
 
 @pytest.fixture
+def home(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh TUNEGRAPH_HOME (instance and artifacts) in tmp_path, which is also the cwd."""
+    monkeypatch.setenv("TUNEGRAPH_HOME", str(tmp_path / ".tunegraph"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / ".tunegraph"
+
+
+@pytest.fixture
 def quickstart_copy(tmp_path: Path) -> Path:
     """examples/quickstart.yaml and its data copied into tmp_path, so a test may edit the data."""
     import shutil

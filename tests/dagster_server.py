@@ -24,14 +24,17 @@ STARTUP_TIMEOUT_S = 300
 BACKFILL_DONE = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
 
 
-def write_tiny_quickstart(folder: Path) -> Path:
+def write_tiny_quickstart(folder: Path, schedule: str | None = None) -> Path:
     """The quickstart recipe and data in `folder`, trained for 20 steps instead of 360, with a
-    checkpoint at step 10 (partitions quickstart__step-000010 and quickstart__final)."""
+    checkpoint at step 10 (partitions quickstart__step-000010 and quickstart__final); with
+    `schedule` (a cron string) the recipe gets that `schedule:` key (`quickstart_schedule`)."""
     (folder / "data").mkdir(parents=True)
     shutil.copy(EXAMPLES / "data" / "quickstart.jsonl", folder / "data")
     recipe = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
     recipe.update(max_steps=20, save_steps=10, eval_generation_rows=8,
                   output_dir=str(folder / "outputs"))
+    if schedule is not None:
+        recipe["schedule"] = schedule
     path = folder / "quickstart.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from dagster import AssetKey
 
@@ -10,13 +9,6 @@ from tunegraph.cli import main
 from tunegraph.pipelines import embedded_instance
 
 SMALL = ["--max-steps", "4", "--save-steps", "null", "--eval-generation-rows", "4"]
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("TUNEGRAPH_HOME", str(tmp_path / ".tunegraph"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / ".tunegraph"
 
 
 def _run(*args: str):

@@ -14,13 +14,6 @@ from tunegraph.ops.artifacts import Artifact, ArtifactStore
 from tunegraph.ops.stages import base_model_stage, tokenized_stage
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("TUNEGRAPH_HOME", str(tmp_path / ".tunegraph"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / ".tunegraph"
-
-
 def _run(*args: str):
     return CliRunner().invoke(main, ["stage", *args], catch_exceptions=False)
 

@@ -76,3 +76,18 @@ def make(folder: Path, **keys: Any) -> Recipe:
 def stored_golden(name: str) -> list[float]:
     """The committed per-step losses of golden run `name` (tests/golden/<name>.json)."""
     return json.loads((GOLDEN_DIR / f"{name}.json").read_text())["losses"]
+
+
+def prepare_training(folder: Path, recipe: Recipe, num_rows: int = 48) -> dict[str, Any]:
+    """Write `num_rows` quickstart-like rows to folder/data.jsonl and build the tiny base model and
+    the tokenized data through the stages: what train() needs (folder, base_dir, tokenized_dir)."""
+    from tunegraph.ops.artifacts import ArtifactStore
+    from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
+
+    (folder / "data.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in quickstart_like_rows(num_rows, seed=0)))
+    store = ArtifactStore(folder / "store")
+    base = base_model_stage(recipe, store, "tiny")
+    tokenized = tokenized_stage(recipe, store, base.artifact)
+    return {"folder": folder, "base_dir": model_dir(base.artifact),
+            "tokenized_dir": tokenized.artifact.path, "stats": tokenized.metadata}

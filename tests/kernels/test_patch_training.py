@@ -19,11 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import TINY, UPDATE_GOLDEN, quickstart_like_rows
+from train_support import TINY, UPDATE_GOLDEN, prepare_training
 
 from tunegraph.config import Recipe, recipe_from_mapping
-from tunegraph.ops.artifacts import ArtifactStore
-from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
 from tunegraph.ops.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "kernels_llama_tiny.json"
@@ -58,13 +56,7 @@ def make(folder: Path, **keys: Any) -> Recipe:
 def prepared(tmp_path_factory) -> dict[str, Any]:
     """The tiny base model and tokenized rows, built once through the stages."""
     folder = tmp_path_factory.mktemp("kernels_train")
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in quickstart_like_rows(64, seed=0)))
-    recipe = make(folder)
-    store = ArtifactStore(folder / "store")
-    base = base_model_stage(recipe, store, "tiny")
-    tokenized = tokenized_stage(recipe, store, base.artifact)
-    return {"folder": folder, "base_dir": model_dir(base.artifact),
-            "tokenized_dir": tokenized.artifact.path}
+    return prepare_training(folder, make(folder), num_rows=64)
 
 
 def losses(prepared: dict[str, Any], out: Path, **keys: Any) -> list[float]:

@@ -9,7 +9,6 @@ Each launch starts torchrun and two Python processes that import torch and trans
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -19,10 +18,15 @@ from typing import Any
 
 import pytest
 from peft import PeftModel
-from train_support import GOLDEN_RTOL, RUNS, make, quickstart_like_rows, stored_golden
+from train_support import (
+    GOLDEN_RTOL,
+    RUNS,
+    make,
+    prepare_training,
+    stored_golden,
+)
 from transformers import AutoModelForCausalLM
 
-from tunegraph.ops.artifacts import ArtifactStore
 from tunegraph.ops.launch import (
     LAUNCH_DIR,
     LaunchError,
@@ -30,7 +34,6 @@ from tunegraph.ops.launch import (
     launch_command,
     launch_training,
 )
-from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
 from tunegraph.ops.train import train
 
 TWO = LaunchSpec("torchrun", 2, timeout_s=300)
@@ -40,14 +43,7 @@ TWO = LaunchSpec("torchrun", 2, timeout_s=300)
 def prepared(tmp_path_factory) -> dict[str, Any]:
     """The golden runs' tiny base model and tokenized data (tests/train_support.py)."""
     folder = tmp_path_factory.mktemp("launch")
-    (folder / "data.jsonl").write_text(
-        "".join(json.dumps(row) + "\n" for row in quickstart_like_rows(48, seed=0)))
-    recipe = make(folder)
-    store = ArtifactStore(folder / "store")
-    base = base_model_stage(recipe, store, "tiny")
-    tokenized = tokenized_stage(recipe, store, base.artifact)
-    return {"folder": folder, "base_dir": model_dir(base.artifact),
-            "tokenized_dir": tokenized.artifact.path}
+    return prepare_training(folder, make(folder))
 
 
 def launch(prepared: dict[str, Any], out: Path, spec: LaunchSpec = TWO, **keys: Any

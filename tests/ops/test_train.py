@@ -26,13 +26,11 @@ from train_support import (
     TINY,
     UPDATE_GOLDEN,
     make,
-    quickstart_like_rows,
+    prepare_training,
 )
 from transformers import AutoModelForCausalLM
 
-from tunegraph.ops.artifacts import ArtifactStore
 from tunegraph.ops.prompts import IGNORE_INDEX
-from tunegraph.ops.stages import base_model_stage, model_dir, tokenized_stage
 from tunegraph.ops.tokenize import load_tokenized
 from tunegraph.ops.train import train
 
@@ -53,15 +51,9 @@ def cpu_one_thread():
 def prepared(tmp_path_factory) -> dict[str, Any]:
     """The tiny base model and the tokenized data, built once through the stages."""
     folder = tmp_path_factory.mktemp("train")
-    (folder / "data.jsonl").write_text(
-        "".join(json.dumps(row) + "\n" for row in quickstart_like_rows(48, seed=0)))
-    recipe = make(folder)
-    store = ArtifactStore(folder / "store")
-    base = base_model_stage(recipe, store, "tiny")
-    tokenized = tokenized_stage(recipe, store, base.artifact)
-    assert tokenized.metadata["num_truncated"] == 0 and tokenized.metadata["num_train_rows"] == 40
-    return {"folder": folder, "base_dir": model_dir(base.artifact),
-            "tokenized_dir": tokenized.artifact.path}
+    prepared = prepare_training(folder, make(folder))
+    assert prepared["stats"]["num_truncated"] == 0 and prepared["stats"]["num_train_rows"] == 40
+    return prepared
 
 
 def train_run(prepared: dict[str, Any], out_dir: Path, **keys: Any) -> dict[str, Any]:

@@ -22,13 +22,6 @@ SMALL = ["--max-steps", "4", "--save-steps", "2", "--micro-batch-size", "2",
          "--eval-generation-rows", "4"]
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("TUNEGRAPH_HOME", str(tmp_path / ".tunegraph"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / ".tunegraph"
-
-
 def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 

@@ -1,8 +1,10 @@
 """The Dagster UI as a user sees it: `tunegraph dev` (webserver + daemon), a materialization of the
 quickstart launched through GraphQL, a backfill of its evals over every checkpoint that the daemon
 runs, then the eval report; headless Chromium (Debian's `chromium`, driven by Playwright) on the
-asset graph, the backfill and the report, asserting the pages show the recipe's assets, the
-checkpoint partitions and the report's rows.
+Automation page (the recipe's schedule and the sensors, as `tunegraph dev` starts them), the asset
+graph, the backfill, the report and the training asset's checks, asserting the pages show the
+schedule and sensors, the recipe's assets, the checkpoint partitions, the report's rows and the
+passed check.
 
     TUNEGRAPH_UPDATE_SCREENSHOTS=1 bash scripts/test.sh tests/ui   # refresh docs/img/*.png
 """
@@ -17,6 +19,7 @@ from dagster_server import (
     graphql,
     launch_assets,
     launch_backfill,
+    repository_selector,
     stop_sensor,
     wait_for_backfill,
     wait_for_run,
@@ -33,6 +36,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOCATION = "tunegraph.pipelines.definitions"
 CHECKPOINTS = ["quickstart__step-000010", "quickstart__final"]  # write_tiny_quickstart's
+SCHEDULE = "0 2 * * *"
+# tunegraph.pipelines: the recipe's schedule and data sensor, and the checkpoint sensor.
+AUTOMATIONS = {"quickstart_schedule": "RUNNING", "quickstart_data_sensor": "STOPPED",
+               SENSOR_NAME: "RUNNING"}
+TRAINING_CHECK = "loss_finite_and_decreasing"  # tunegraph.assets.checks, on quickstart/adapter
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -59,16 +67,65 @@ def _dismiss_newsletter(page) -> None:
     skip.click()
 
 
+REPOSITORY_AUTOMATIONS = """
+query Automations($selector: RepositorySelector!) {
+  repositoryOrError(repositorySelector: $selector) {
+    ... on Repository {
+      schedules { name scheduleState { id status } }
+      sensors { name sensorState { id status } }
+    }
+  }
+}"""
+STOP_SCHEDULE = """
+mutation Stop($id: String!) {
+  stopRunningSchedule(id: $id) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { status } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def _automations(port: int) -> dict[str, tuple[str, str]]:
+    """{schedule or sensor name: (its instigation state id, RUNNING or STOPPED)}."""
+    repo = graphql(port, REPOSITORY_AUTOMATIONS,
+                   {"selector": repository_selector(port)})["repositoryOrError"]
+    return {**{s["name"]: (s["scheduleState"]["id"], s["scheduleState"]["status"])
+               for s in repo["schedules"]},
+            **{s["name"]: (s["sensorState"]["id"], s["sensorState"]["status"])
+               for s in repo["sensors"]}}
+
+
+def _new_page(playwright, base: str):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(base)
+    _dismiss_newsletter(page)
+    return browser, page
+
+
+def _browse_automation(port: int, shots: Path) -> None:
+    """The Automation page as `tunegraph dev` starts: the schedule and checkpoint_evals on, the
+    data sensor off (nothing has ticked a run yet: no checkpoint, no data sensor cursor)."""
+    from playwright.sync_api import sync_playwright
+
+    base = f"http://127.0.0.1:{port}"
+    with sync_playwright() as playwright:
+        browser, page = _new_page(playwright, base)
+        automation = _shoot(page, f"{base}/automation", "quickstart_schedule",
+                            shots / "automation.png")
+        for name in AUTOMATIONS:
+            assert name in automation, automation
+        browser.close()
+
+
 def _browse(port: int, backfill_id: str, shots: Path) -> None:
     """The pages a user looks at after an eval backfill, each asserted and photographed."""
     from playwright.sync_api import sync_playwright
 
     base = f"http://127.0.0.1:{port}"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(base)
-        _dismiss_newsletter(page)
+        browser, page = _new_page(playwright, base)
         graph = _shoot(page, f"{base}/locations/{LOCATION}/asset-groups/quickstart",
                        "merged_model", shots / "asset-graph.png")
         for name in ("tokenized_dataset", "adapter", "merged_model", "eval_scores", "eval_report"):
@@ -108,6 +165,12 @@ def _browse(port: int, backfill_id: str, shots: Path) -> None:
         page.wait_for_timeout(1_000)
         assert plot.bounding_box()["height"] > 200, plot.bounding_box()
         page.screenshot(path=str(shots / "eval-report-plot.png"))
+
+        # The training run ran the adapter's blocking check; its Checks tab shows it passed.
+        checks = _shoot(page, f"{base}/assets/quickstart/adapter?view=checks"
+                              f"&checkDetail={TRAINING_CHECK}", "Passed",
+                        shots / "asset-checks.png")
+        assert TRAINING_CHECK in checks and "Passed" in checks, checks
         browser.close()
 
 
@@ -117,12 +180,18 @@ def _log(workdir: Path) -> str:
 
 def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
     recipes = tmp_path / "recipes"
-    write_tiny_quickstart(recipes)
+    write_tiny_quickstart(recipes, schedule=SCHEDULE)
     shots = tmp_path / "shots"
     shots.mkdir()
     with dev_server(tmp_path, recipes) as port:
-        # The sensor would request the same evals as the backfill: this test launches its own.
+        states = _automations(port)
+        assert {name: states[name][1] for name in AUTOMATIONS} == AUTOMATIONS, states
+        _browse_automation(port, shots)
+        # The sensor would request the same evals as the backfill: this test launches its own;
+        # the schedule, ticking at 02:00 during a test, would request a retrain.
         stop_sensor(port, SENSOR_NAME)
+        stopped = graphql(port, STOP_SCHEDULE, {"id": states["quickstart_schedule"][0]})
+        assert stopped["stopRunningSchedule"].get("scheduleState") == {"status": "STOPPED"}, stopped
         nodes = graphql(port, "{ assetNodes { assetKey { path } isExecutable isPartitioned } }")
         # The unpartitioned stages in one run: training registers the checkpoint partitions.
         keys = [n["assetKey"]["path"] for n in nodes["assetNodes"]
