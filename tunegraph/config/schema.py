@@ -494,6 +494,12 @@ class DataConcern(StrictModel):
         None, min_length=1, validate_default=True,
         description="list, required unless pretraining_dataset is set: the training data, "
                     "merged in order.")
+    streaming: bool = Field(False, description="bool, default false: read `datasets` as a "
+                                               "stream (datasets.load_dataset(streaming=True)), "
+                                               "encoded, truncated and packed while training "
+                                               "reads them; needs max_steps, val_set_size 0 "
+                                               "(held-out rows from test_datasets), no shards "
+                                               "and no dataset_exact_deduplication.")
     test_datasets: list[DatasetConfig] | None = Field(
         None, min_length=1, description="list, default none: held-out data read from these "
                                         "datasets instead of split off `datasets` (then "
@@ -516,8 +522,9 @@ class DataConcern(StrictModel):
                                                                "pack the held-out rows that "
                                                                "training evaluates on too.")
     streaming_multipack_buffer_size: int = Field(10_000, ge=1, description="int, default 10000: "
-                                                 "pretraining_dataset documents shuffled and "
-                                                 "packed together (a buffer of the stream).")
+                                                 "pretraining_dataset (or streaming datasets) "
+                                                 "documents shuffled and packed together (a "
+                                                 "buffer of the stream).")
     pretrain_multipack_attn: bool = Field(True, description="bool, true only: packed documents "
                                                             "never attend to each other (Axolotl's "
                                                             "switch; tunegraph always keeps them "
@@ -559,6 +566,18 @@ class DataConcern(StrictModel):
         if self.test_datasets and self.val_set_size:
             raise ValueError(f"val_set_size is {self.val_set_size} but test_datasets is set: "
                              f"held-out rows come from test_datasets; set val_set_size: 0")
+        if self.streaming and self.datasets:
+            if self.val_set_size:
+                raise ValueError(f"val_set_size is {self.val_set_size} but streaming is true: a "
+                                 f"stream of datasets is not split; set val_set_size: 0 and give "
+                                 f"held-out rows with test_datasets")
+            if self.dataset_exact_deduplication:
+                raise ValueError("dataset_exact_deduplication needs every row at once, but "
+                                 "streaming is true: set one of them to false")
+            for index, entry in enumerate(self.datasets):
+                if entry.shards is not None:
+                    raise ValueError(f"datasets[{index}].shards shuffles the whole dataset, but "
+                                     f"streaming is true: remove shards or set streaming: false")
         if self.pretraining_dataset and self.val_set_size:
             raise ValueError("val_set_size: a pretraining_dataset stream cannot be split; give "
                              "held-out rows with test_datasets")
@@ -988,6 +1007,9 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
                     and not self.test_datasets):
                 raise ValueError(f"{key} needs held-out rows to evaluate on but val_set_size is "
                                  f"0: set val_set_size (or test_datasets)")
+        if self.streaming and self.datasets and self.max_steps is None:
+            raise ValueError("streaming: true streams datasets rows without a known count, so "
+                             "training needs max_steps: set max_steps")
         if self.pretraining_dataset and self.max_steps is None:
             raise ValueError("pretraining_dataset streams rows without a known count, so "
                              "training needs max_steps: set max_steps")

@@ -8,7 +8,8 @@ out_dir/train.parquet        input_ids, labels (-100 where not trained); with sa
 out_dir/validation.parquet   input_ids, labels, reference (JSON {"prompt", "answer"} or null):
                              one document per row, what eval_scores reads
 out_dir/validation_packed.parquet   the same rows packed, when eval_sample_packing
-out_dir/stream.json          pretraining_dataset only: what training streams (tunegraph.ops.stream);
+out_dir/stream.json          pretraining_dataset or streaming: true only: what training streams
+                             (tunegraph.ops.stream);
                              train.parquet then holds the stream's first rows, as a preview
 out_dir/stats.json           counts, truncation, trainable share, packing (asset checks read it)
 out_dir/samples.json         up to 3 rows with trained spans wrapped in «»
@@ -285,7 +286,7 @@ def tokenize_dataset(recipe: Recipe, tokenizer_dir: Path, out_dir: Path,
     called after every batch of BATCH_ROWS rows of each dataset."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.pretraining_dataset:
+    if recipe.pretraining_dataset or (recipe.streaming and recipe.datasets):
         from tunegraph.ops.stream import write_stream
 
         return write_stream(recipe, Path(tokenizer_dir), out_dir, progress, cache_dir)

@@ -111,8 +111,9 @@ def training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, tokenized_
                   ) -> tuple[Any, Any, int]:
     """(training rows, held-out rows to evaluate on or None, training rows per epoch).
 
-    A pretraining stream's rows are tokenized as training reads them, and its "epoch" is
-    max_steps; held-out rows are the packed ones with eval_sample_packing."""
+    A stream's rows (pretraining_dataset, or datasets with streaming: true) are tokenized as
+    training reads them, and its "epoch" is max_steps; held-out rows are the packed ones with
+    eval_sample_packing."""
     if is_stream(tokenized_dir):
         train_rows: Any = PretrainingStream(recipe, tokenizer, tokenized_dir)
         assert recipe.max_steps is not None, "the schema requires max_steps for streams"
