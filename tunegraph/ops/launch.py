@@ -86,8 +86,8 @@ def launch_command(spec: LaunchSpec, job_file: Path, log_dir: Path) -> list[str]
     if spec.launcher == "accelerate":
         import torch
 
-        # Precision and sharding come from the recipe through TrainingArguments, not from
-        # accelerate's own config file (which `accelerate config` may have left on the machine).
+        # Precision and sharding come from the recipe through TrainingArguments; the explicit
+        # flags below override what `accelerate config` may have saved on the machine.
         if not torch.cuda.is_available() and spec.num_processes > 1:
             # `accelerate launch --cpu` starts one process (several CPU processes need MPI).
             raise ValueError("launcher accelerate: several processes run on CUDA GPUs only; on "
