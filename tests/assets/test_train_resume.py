@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from dagster import DagsterEventType, DagsterInstance, RetryPolicy, materialize
-from ops.test_train import GOLDEN_DIR, GOLDEN_RTOL, RUNS, make, quickstart_like_rows
+from train_support import GOLDEN_DIR, GOLDEN_RTOL, RUNS, make, quickstart_like_rows
 from transformers import TrainerCallback
 
 import tunegraph.ops.train as train_module
