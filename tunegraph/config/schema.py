@@ -624,9 +624,8 @@ class AdapterConcern(StrictModel):
         return self
 
 
-class TrainingConcern(KernelsConcern):
-    """The optimisation: batch, schedule, precision, checkpoints; and the kernels (they change
-    training's numbers within rounding, so the training stage hashes them too)."""
+class TrainingConcern(StrictModel):
+    """The optimisation: batch, schedule, precision, checkpoints."""
 
     micro_batch_size: int = Field(1, ge=1, description="int, default 1: rows per device step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="int, default 1: micro-batches "
@@ -981,12 +980,12 @@ class OperationsConcern(StrictModel):
 
 
 CONCERNS: tuple[type[StrictModel], ...] = (ModelConcern, TokenizerConcern, DataConcern,
-                                           AdapterConcern, TrainingConcern,
+                                           AdapterConcern, TrainingConcern, KernelsConcern,
                                            DistributedConcern, EvalConcern, OperationsConcern)
 
 
 class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, TrainingConcern,
-             DistributedConcern, EvalConcern, OperationsConcern):
+             KernelsConcern, DistributedConcern, EvalConcern, OperationsConcern):
     """A whole recipe: Axolotl's flat key space, typed per concern. Build it with
     `tunegraph.config.load_recipe`, which also sets `name` and `source_path`."""
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from tunegraph import __version__
 from tunegraph.config import TINY_LLAMA, Recipe
-from tunegraph.config.kernels import KernelsConcern
 from tunegraph.config.schema import (
     AdapterConcern,
     DistributedConcern,
@@ -147,8 +146,7 @@ def _read_json(artifact: Artifact, name: str) -> dict[str, Any]:
 def training_key_values(recipe: Recipe) -> dict[str, Any]:
     # Kernels as the options they resolve to (`liger_rms_norm: true` and `kernels: {rms_norm:
     # true}` are one setting), and only when one is on: recipes without kernels keep their keys.
-    values = {k: v for k, v in recipe.concern_values(AdapterConcern, TrainingConcern).items()
-              if k not in KernelsConcern.model_fields}
+    values = recipe.concern_values(AdapterConcern, TrainingConcern)
     if (kernels := recipe.kernel_options()).any_on:
         values["kernels"] = kernels.model_dump(mode="json")
     values.update({k: getattr(recipe, k) for k in MODEL_LOADING_KEYS})
