@@ -9,8 +9,8 @@ Axolotl's names (its Liger plugin's keys) and tunegraph's own `kernels:` block m
 
 All are off by default (HF's own modules run). tunegraph.kernels.patch lists the model types
 each kernel supports; any other model type is an error at training time, naming the key.
-Kernels move the numbers within rounding (tests/kernels), so the training stage hashes these
-keys: TrainingConcern includes this concern.
+Kernels move the numbers within rounding (tests/kernels), so the training stage hashes the
+options they resolve to when one is on (tunegraph.ops.stages.training_key_values).
 """
 
 from __future__ import annotations
