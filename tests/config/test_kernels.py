@@ -73,3 +73,19 @@ def test_kernel_keys_change_the_training_hash_only():
     assert not {"kernels", "liger_rope"} & set(training_key_values(plain))
     assert (plain.concern_values(DataConcern, TokenizerConcern)
             == with_kernels.concern_values(DataConcern, TokenizerConcern))
+
+
+def test_lora_and_moe_kernel_keys():
+    axolotl = build(adapter="lora", lora_mlp_kernel=True, lora_qkv_kernel=True,
+                    lora_o_kernel=True, use_kernels=True, use_scattermoe=True)
+    options = axolotl.kernel_options()
+    assert options.lora_mlp and options.lora_qkv and options.lora_o and options.moe
+    assert options.lora_on and options.recipe_keys["moe"] == "use_scattermoe"
+    block = build(adapter="lora", kernels={"lora_qkv": True})
+    assert block.kernel_options().lora_on and not block.kernel_options().lora_mlp
+    assert not build(kernels={"moe": True}).kernel_options().lora_on
+    # Axolotl's scattermoe switch needs its plugin switch; use_kernels alone means HF's hub.
+    [problem] = problems(use_scattermoe=True)
+    assert "use_scattermoe: true needs use_kernels: true" in problem
+    [problem] = problems(use_kernels=True)
+    assert "use_kernels: true without use_scattermoe" in problem

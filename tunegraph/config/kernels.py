@@ -6,6 +6,10 @@ Axolotl's names (its Liger plugin's keys) and tunegraph's own `kernels:` block m
     liger_glu_activation: true               # kernels: {glu: true}
     liger_rope: true                         # kernels: {rope: true}
     liger_fused_linear_cross_entropy: true   # kernels: {fused_linear_cross_entropy: true}
+    lora_mlp_kernel: true                    # kernels: {lora_mlp: true}
+    lora_qkv_kernel: true                    # kernels: {lora_qkv: true}
+    lora_o_kernel: true                      # kernels: {lora_o: true}
+    use_kernels: true + use_scattermoe: true # kernels: {moe: true}
 
 All are off by default (HF's own modules run). tunegraph.kernels.patch lists the model types
 each kernel supports; any other model type is an error at training time, naming the key.
@@ -23,13 +27,19 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from tunegraph.config.base import StrictModel
 
 # kernels: block field -> the Axolotl keys that mean the same (liger_swiglu is Axolotl's older
-# name for liger_glu_activation).
-LIGER_KEYS: dict[str, tuple[str, ...]] = {
+# name for liger_glu_activation; use_scattermoe also needs use_kernels, as in Axolotl).
+KERNEL_KEYS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("liger_rms_norm",),
     "glu": ("liger_glu_activation", "liger_swiglu"),
     "rope": ("liger_rope",),
     "fused_linear_cross_entropy": ("liger_fused_linear_cross_entropy",),
+    "lora_mlp": ("lora_mlp_kernel",),
+    "lora_qkv": ("lora_qkv_kernel",),
+    "lora_o": ("lora_o_kernel",),
+    "moe": ("use_scattermoe",),
 }
+# The ops that patch the model after the LoRA adapter is added (they replace PEFT's layers).
+LORA_OPS = ("lora_mlp", "lora_qkv", "lora_o")
 
 
 class KernelsConfig(StrictModel):
@@ -47,6 +57,19 @@ class KernelsConfig(StrictModel):
     fused_linear_cross_entropy: bool = Field(
         False, description="bool, default false: the output projection and the loss fused, "
                            "so the [tokens, vocab] logits are never materialized in training.")
+    lora_mlp: bool = Field(False, description="bool, default false: the LoRA MLP (gate, up, "
+                                              "down with their adapters and the GLU) as one "
+                                              "autograd function with a hand-derived backward; "
+                                              "needs adapter: lora/qlora.")
+    lora_qkv: bool = Field(False, description="bool, default false: the LoRA q, k, v "
+                                              "projections as one autograd function; needs "
+                                              "adapter: lora/qlora.")
+    lora_o: bool = Field(False, description="bool, default false: the LoRA output projection "
+                                            "as one autograd function; needs adapter: "
+                                            "lora/qlora.")
+    moe: bool = Field(False, description="bool, default false: MoE experts as sorted, grouped "
+                                         "GEMMs that gather and scatter in the kernel "
+                                         "(ScatterMoE-style), LoRA on expert weights fused in.")
 
     _recipe_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -69,7 +92,11 @@ class KernelsConfig(StrictModel):
 
     @property
     def any_on(self) -> bool:
-        return any(getattr(self, op) for op in LIGER_KEYS)
+        return any(getattr(self, op) for op in KERNEL_KEYS)
+
+    @property
+    def lora_on(self) -> bool:
+        return any(getattr(self, op) for op in LORA_OPS)
 
 
 class KernelsConcern(StrictModel):
@@ -77,8 +104,9 @@ class KernelsConcern(StrictModel):
 
     kernels: KernelsConfig | None = Field(None, description="mapping, default none (all off): "
                                                             "rms_norm, glu, rope, "
-                                                            "fused_linear_cross_entropy, each a "
-                                                            "bool (see KernelsConfig).")
+                                                            "fused_linear_cross_entropy, "
+                                                            "lora_mlp, lora_qkv, lora_o, moe, "
+                                                            "each a bool (see KernelsConfig).")
     liger_rms_norm: bool | None = Field(None, description="bool, default false: Axolotl's name "
                                                           "for kernels.rms_norm.")
     liger_glu_activation: bool | None = Field(None, description="bool, default false: Axolotl's "
@@ -90,6 +118,18 @@ class KernelsConcern(StrictModel):
     liger_fused_linear_cross_entropy: bool | None = Field(
         None, description="bool, default false: Axolotl's name for "
                           "kernels.fused_linear_cross_entropy.")
+    lora_mlp_kernel: bool | None = Field(None, description="bool, default false: Axolotl's name "
+                                                           "for kernels.lora_mlp.")
+    lora_qkv_kernel: bool | None = Field(None, description="bool, default false: Axolotl's name "
+                                                           "for kernels.lora_qkv.")
+    lora_o_kernel: bool | None = Field(None, description="bool, default false: Axolotl's name "
+                                                         "for kernels.lora_o.")
+    use_kernels: bool | None = Field(None, description="bool, default false: Axolotl's kernels "
+                                                       "plugin switch; tunegraph reads it only "
+                                                       "with use_scattermoe.")
+    use_scattermoe: bool | None = Field(None, description="bool, default false (needs "
+                                                          "use_kernels: true): Axolotl's name "
+                                                          "for kernels.moe.")
 
     @field_validator("kernels", mode="before")
     @classmethod
@@ -99,7 +139,15 @@ class KernelsConcern(StrictModel):
     @model_validator(mode="after")
     def _keys_agree(self) -> KernelsConcern:
         block = self.kernels.model_fields_set if self.kernels is not None else set()
-        for op, aliases in LIGER_KEYS.items():
+        if self.use_scattermoe and not self.use_kernels:
+            raise ValueError("use_scattermoe: true needs use_kernels: true (as in Axolotl), or "
+                             "write kernels: {moe: true}")
+        if self.use_kernels and not self.use_scattermoe:
+            raise ValueError("use_kernels: true without use_scattermoe asks Axolotl to kernelize "
+                             "the model from the Hugging Face kernels hub, which tunegraph does "
+                             "not do; add use_scattermoe: true for the MoE kernels, or use the "
+                             "kernels: block")
+        for op, aliases in KERNEL_KEYS.items():
             given = [(f"kernels.{op}", getattr(self.kernels, op))] if op in block else []
             given += [(key, getattr(self, key)) for key in aliases if getattr(self, key) is not None]
             if len({value for _, value in given}) > 1:
@@ -112,7 +160,7 @@ class KernelsConcern(StrictModel):
         """The kernels to apply, from the block and the liger_* keys together."""
         options = KernelsConfig()
         keys: dict[str, str] = {}
-        for op, aliases in LIGER_KEYS.items():
+        for op, aliases in KERNEL_KEYS.items():
             for key in aliases:
                 if getattr(self, key):
                     setattr(options, op, True)
