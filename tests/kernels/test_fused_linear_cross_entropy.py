@@ -356,6 +356,25 @@ def test_backward_scales_in_place_once():
 
 
 @requires_kernels
+def test_grads_reach_dot_grad_without_a_copy(monkeypatch):
+    """.grad takes the gradients the forward computed (same storage): a copy would hold a
+    second grad_weight at the peak (1 GB at K2; what the custom op's outputs got on the H200)."""
+    computed = {}
+    chunked = flce._flce_chunked
+
+    def recording(*args, **kwargs):
+        out = chunked(*args, **kwargs)
+        computed.update(hidden=out[2].data_ptr(), weight=out[3].data_ptr())
+        return out
+
+    monkeypatch.setattr(flce, "_flce_chunked", recording)
+    hidden, weight, _, labels = make_inputs(37, 61, 509, torch.float32)
+    h, w = leaves(hidden, weight)
+    fused_linear_cross_entropy(h, w, labels).backward()
+    assert (h.grad.data_ptr(), w.grad.data_ptr()) == (computed["hidden"], computed["weight"])
+
+
+@requires_kernels
 def test_autocast_runs_in_bf16_like_linear():
     hidden, weight, _, labels = make_inputs(37, 61, 509, torch.float32)
     h, w = leaves(hidden, weight)
@@ -514,19 +533,21 @@ def test_patched_gemma2_softcapping_matches_unpatched():
 
 @requires_kernels
 def test_patched_train_step_never_builds_logits():
-    """No op of the patched train step returns a tensor of vocabulary rows (the fused op's
-    [C, V] chunk stays inside it; test_never_materializes_full_logits looks there); the
-    unpatched step returns the [B, T, V] logits and their float upcast."""
+    """The patched train step's widest tensor of vocabulary rows is one chunk (the eager
+    autograd Function runs its chunk loop in the open: at most _MIN_CHUNK_TOKENS rows here,
+    of 2 x 128 tokens); the unpatched step returns the [B, T, V] logits and their float
+    upcast."""
     model = tiny_llama()
     patched = copy.deepcopy(model)
     apply_fused_linear_cross_entropy(patched)
-    input_ids, labels = make_batch(509, batch=2, seq=64)
+    input_ids, labels = make_batch(509, batch=2, seq=128)
     rows = {}
     for name, candidate in (("patched", patched), ("unpatched", model)):
         with MaxRowsOfWidth(509) as recorder:
             output, _ = train_step(candidate, input_ids, labels)
         rows[name] = recorder.max_rows
-    assert output.logits is not None and rows == {"patched": 0, "unpatched": 2 * 64}
+    assert output.logits is not None and rows["unpatched"] == 2 * 128
+    assert 0 < rows["patched"] <= flce._MIN_CHUNK_TOKENS < 2 * 127
 
 
 def test_unpatchable_models_raise_naming_the_key():

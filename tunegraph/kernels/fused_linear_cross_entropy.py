@@ -32,8 +32,9 @@ C-token chunks measured within the tests' tolerances (see the tests).
 
 The Triton path runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests);
 otherwise the pure-PyTorch reference below runs, chunked the same way (torch.utils.checkpoint per
-chunk, so its backward recomputes one chunk's logits at a time). The Triton path is made of
-torch.library custom ops, so torch.compile (fullgraph too) sees one opaque call per loss.
+chunk, so its backward recomputes one chunk's logits at a time). Under torch.compile (fullgraph
+too) the Triton path is torch.library custom ops, one opaque call per loss; in eager mode the
+scalar loss is an autograd Function holding the same gradients (see _FlceLossEager for why).
 """
 
 from __future__ import annotations
@@ -330,13 +331,9 @@ def _reference_token_losses(hidden, weight, bias, labels, *, ignore_index, label
 # ----------------------------------------------------------------------------------------------
 # Custom ops (opaque to torch.compile) with their autograd formulas.
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("tunegraph::flce_loss", mutates_args=())
-def _flce_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  labels: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
-                  label_smoothing: float, z_loss_weight: float, logit_scale: float,
-                  softcap: float, chunk_tokens: int, need_grad_hidden: bool,
-                  need_grad_weight: bool, need_grad_bias: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flce_loss_values(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
+                      z_loss_weight, logit_scale, softcap, chunk_tokens, need_grad_hidden,
+                      need_grad_weight, need_grad_bias):
     """(grad_scale · Σ loss_i, grad_scale · Σ λ lse_i², and the gradients of the first)."""
     with torch.autocast(hidden.device.type, enabled=False):
         loss_N, lse_N, grad_hidden, grad_weight, grad_bias = _flce_chunked(
@@ -349,6 +346,19 @@ def _flce_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         loss = loss_N.sum() * grad_scale
         z_loss = torch.where(valid, lse_N * lse_N, 0.0).sum() * (z_loss_weight * grad_scale)
     return loss, z_loss, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("tunegraph::flce_loss", mutates_args=())
+def _flce_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  labels: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
+                  label_smoothing: float, z_loss_weight: float, logit_scale: float,
+                  softcap: float, chunk_tokens: int, need_grad_hidden: bool,
+                  need_grad_weight: bool, need_grad_bias: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss under torch.compile: the gradients are outputs, as a functional op's must be."""
+    return _flce_loss_values(hidden, weight, bias, labels, grad_scale, ignore_index,
+                             label_smoothing, z_loss_weight, logit_scale, softcap, chunk_tokens,
+                             need_grad_hidden, need_grad_weight, need_grad_bias)
 
 
 @_flce_loss_op.register_fake
@@ -366,27 +376,54 @@ def _flce_loss_setup_context(ctx, inputs, output):
     ctx.backward_done = False
 
 
-def _flce_loss_backward(ctx, grad_loss, _grad_z_loss, _gh, _gw, _gb):
+def _scaled_saved_grads(ctx, grad_loss) -> list[torch.Tensor]:
+    """The gradients the forward computed, times the loss's incoming gradient."""
     if ctx.backward_done:
         raise RuntimeError("fused_linear_cross_entropy: the gradients were computed in the forward "
                            "and are scaled in place by the backward, so it runs once per forward")
     ctx.backward_done = True
     grads = list(ctx.saved_tensors)
     if torch.compiler.is_compiling():
-        grads = [grad * grad_loss for grad in grads]
-    elif not bool(grad_loss == 1.0):
+        return [grad * grad_loss for grad in grads]
+    if not bool(grad_loss == 1.0):
         # In place: a copy of grad_weight would add V·H·2 bytes to the peak (1 GB at K2).
         # Testing for 1.0 (a plain loss.backward()) costs one host sync and saves two passes
         # over grad_weight when it is 1 (2.1 GB moved: 0.5 ms at K2 on an H200).
         for grad in grads:
             grad.mul_(grad_loss)
-    needs = ctx.needs_input_grad
-    return (grads[0] if needs[0] else None, grads[1] if needs[1] else None,
-            grads[2] if needs[2] else None) + (None,) * 11
+    return grads
+
+
+def _flce_loss_backward(ctx, grad_loss, _grad_z_loss, _gh, _gw, _gb):
+    grads, needs = _scaled_saved_grads(ctx, grad_loss), ctx.needs_input_grad
+    return tuple(grads[i] if needs[i] else None for i in range(3)) + (None,) * 11
 
 
 torch.library.register_autograd("tunegraph::flce_loss", _flce_loss_backward,
                                 setup_context=_flce_loss_setup_context)
+
+
+class _FlceLossEager(torch.autograd.Function):
+    """Eager only: tunegraph::flce_loss with the gradients kept as the Function's own saved
+    tensors, not as outputs. A custom op's outputs saved for its backward are stored as shallow
+    copies sharing their storage, and on the H200 (torch 2.11) AccumulateGrad then copied both
+    gradients rather than taking them: K2's peak was 2,260 MiB, twice grad_hidden + grad_weight,
+    against 1,255 for Liger's Function (2026-11-30). Intermediates saved this way are released
+    before the gradients reach .grad, which can then take them without a copy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, grad_scale, *options):
+        loss, z_loss, *grads = _flce_loss_values(hidden, weight, bias, labels, grad_scale,
+                                                 *options)
+        ctx.save_for_backward(*grads)
+        ctx.backward_done = False
+        ctx.mark_non_differentiable(z_loss)
+        return loss, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z_loss):
+        grads, needs = _scaled_saved_grads(ctx, grad_loss), ctx.needs_input_grad
+        return tuple(grads[i] if needs[i] else None for i in range(3)) + (None,) * 11
 
 
 @torch.library.custom_op("tunegraph::flce_token_losses", mutates_args=())
@@ -581,10 +618,14 @@ def _cross_entropy(hidden_NH, weight_VH, labels_N, bias_V, use_triton, *, ignore
 
     if use_triton:
         enabled = torch.is_grad_enabled()
-        loss, z_loss, *_ = torch.ops.tunegraph.flce_loss(
-            hidden_NH, weight_VH, bias_V, labels_N, grad_scale, *options.values(),
-            enabled and hidden_NH.requires_grad, enabled and weight_VH.requires_grad,
-            enabled and bias_V is not None and bias_V.requires_grad)
+        needs = (enabled and hidden_NH.requires_grad, enabled and weight_VH.requires_grad,
+                 enabled and bias_V is not None and bias_V.requires_grad)
+        if torch.compiler.is_compiling() or not any(needs):
+            loss, z_loss, *_ = torch.ops.tunegraph.flce_loss(
+                hidden_NH, weight_VH, bias_V, labels_N, grad_scale, *options.values(), *needs)
+        else:
+            loss, z_loss = _FlceLossEager.apply(hidden_NH, weight_VH, bias_V, labels_N,
+                                                grad_scale, *options.values(), *needs)
     else:
         loss_N, lse_N = _reference_token_losses(hidden_NH, weight_VH, bias_V, labels_N, **options)
         loss = loss_N.sum() * grad_scale
