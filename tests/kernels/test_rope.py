@@ -22,8 +22,9 @@ FP32_TOL = 1e-5
 BF16_TOL = 4 * 2**-8
 TOL = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL}
 # (batch, q heads, k heads, tokens, head dim): GQA; a prime token count; an odd half head dim
-# (9: masked lanes); MHA with cos/sin per batch row.
-SHAPES = [(2, 6, 2, 11, 18), (1, 4, 4, 7, 8), (3, 8, 1, 5, 64)]
+# (9: masked lanes); MHA with cos/sin per batch row; and 13 + 3 heads of 126, enough per token
+# for the one-token 2-d tiles (masked heads and lanes) that 7B-size attention takes.
+SHAPES = [(2, 6, 2, 11, 18), (1, 4, 4, 7, 8), (3, 8, 1, 5, 64), (2, 13, 3, 7, 126)]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -26,6 +26,18 @@ from tunegraph.kernels import is_dense, tl, triton, use_triton
 
 
 @triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
+    """Forward: [x1 c1 - x2 s1, x2 c2 + x1 s2]; backward, the transpose."""
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    return y1, y2
+
+
+@triton.jit
 def _rotate_heads(X, Y, x_st, x_sh, y_st, y_sh, tokens, token_mask, num_heads, c1, c2, s1, s2,
                   half_dim, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_HALF: tl.constexpr):
@@ -37,14 +49,26 @@ def _rotate_heads(X, Y, x_st, x_sh, y_st, y_sh, tokens, token_mask, num_heads, c
     x_ptrs = X + tokens * x_st + heads * x_sh + dims
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        y1 = x1 * c1 + x2 * s2
-        y2 = x2 * c2 - x1 * s1
-    else:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+    y1, y2 = _rotate(x1, x2, c1, c2, s1, s2, BACKWARD)
     y_ptrs = Y + tokens * y_st + heads * y_sh + dims
     # Y may be X (in-place backward): both halves were loaded above.
+    tl.store(y_ptrs, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs + half_dim, y2.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_token(X, Y, x_sh, y_sh, num_heads, c1, c2, s1, s2, half_dim,
+                  BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate one token's [heads, D] tile (X, Y at that token); c1..s2 are [1, D/2]. A 2-d
+    tile: Triton's 3-d layouts with a size-1 token dimension vectorized worse."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < num_heads) & (dims < half_dim)
+    x_ptrs = X + heads * x_sh + dims
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + half_dim, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rotate(x1, x2, c1, c2, s1, s2, BACKWARD)
+    y_ptrs = Y + heads * y_sh + dims
     tl.store(y_ptrs, y1.to(Y.dtype.element_ty), mask=mask)
     tl.store(y_ptrs + half_dim, y2.to(Y.dtype.element_ty), mask=mask)
 
@@ -59,20 +83,38 @@ def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
     pid = tl.program_id(0)
     blocks_per_seq = (seq_len + BLOCK_T - 1) // BLOCK_T  # not tl.cdiv: see rms_norm._row_sum
     b = (pid // blocks_per_seq).to(tl.int64)
-    tokens = (pid % blocks_per_seq).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
-    token_mask = tokens < seq_len
-    dims = tl.arange(0, BLOCK_HALF)[None, None, :]
-    cs_mask = token_mask & (dims < half_dim)
-    cos_ptrs = COS + b * cos_sb + tokens * cos_st + dims
-    sin_ptrs = SIN + b * cos_sb + tokens * cos_st + dims
-    c1 = tl.load(cos_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
-    _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_st, q_sh, qo_st, qo_sh, tokens, token_mask,
-                  num_q_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_QH, BLOCK_HALF)
-    _rotate_heads(K + b * k_sb, KO + b * ko_sb, k_st, k_sh, ko_st, ko_sh, tokens, token_mask,
-                  num_k_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_KH, BLOCK_HALF)
+    if BLOCK_T == 1:  # one token of many heads (7B-size attention): 2-d tiles
+        t = (pid % blocks_per_seq).to(tl.int64)
+        dims = tl.arange(0, BLOCK_HALF)[None, :]
+        cs_mask = dims < half_dim
+        cos_ptrs = COS + b * cos_sb + t * cos_st + dims
+        sin_ptrs = SIN + b * cos_sb + t * cos_st + dims
+        c1 = tl.load(cos_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        _rotate_token(Q + b * q_sb + t * q_st, QO + b * qo_sb + t * qo_st, q_sh, qo_sh,
+                      num_q_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_QH, BLOCK_HALF)
+        _rotate_token(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh,
+                      num_k_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_KH, BLOCK_HALF)
+    else:  # a few heads: tokens stacked into one [tokens, heads, D/2] tile
+        tokens = ((pid % blocks_per_seq).to(tl.int64) * BLOCK_T
+                  + tl.arange(0, BLOCK_T)[:, None, None])
+        token_mask = tokens < seq_len
+        dims = tl.arange(0, BLOCK_HALF)[None, None, :]
+        cs_mask = token_mask & (dims < half_dim)
+        cos_ptrs = COS + b * cos_sb + tokens * cos_st + dims
+        sin_ptrs = SIN + b * cos_sb + tokens * cos_st + dims
+        c1 = tl.load(cos_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_st, q_sh, qo_st, qo_sh, tokens,
+                      token_mask, num_q_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_QH,
+                      BLOCK_HALF)
+        _rotate_heads(K + b * k_sb, KO + b * ko_sb, k_st, k_sh, ko_st, ko_sh, tokens,
+                      token_mask, num_k_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_KH,
+                      BLOCK_HALF)
 
 
 @triton.jit
