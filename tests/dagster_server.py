@@ -236,3 +236,39 @@ def stop_sensor(port: int, name: str) -> None:
     stopped = graphql(port, STOP_SENSOR, {"id": sensor["sensorState"]["id"]})["stopSensor"]
     assert stopped["__typename"] == "StopSensorMutationResult", stopped
     assert stopped["instigationState"]["status"] == "STOPPED", stopped
+
+
+REPOSITORY_AUTOMATIONS = """
+query Automations($selector: RepositorySelector!) {
+  repositoryOrError(repositorySelector: $selector) {
+    ... on Repository {
+      schedules { name scheduleState { id status } }
+      sensors { name sensorState { id status } }
+    }
+  }
+}"""
+STOP_SCHEDULE = """
+mutation Stop($id: String!) {
+  stopRunningSchedule(id: $id) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { status } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def automations(port: int) -> dict[str, tuple[str, str]]:
+    """{schedule or sensor name: (its instigation state id, RUNNING or STOPPED)}, as the
+    Automation page lists them."""
+    repo = graphql(port, REPOSITORY_AUTOMATIONS,
+                   {"selector": repository_selector(port)})["repositoryOrError"]
+    return {**{s["name"]: (s["scheduleState"]["id"], s["scheduleState"]["status"])
+               for s in repo["schedules"]},
+            **{s["name"]: (s["sensorState"]["id"], s["sensorState"]["status"])
+               for s in repo["sensors"]}}
+
+
+def stop_schedule(port: int, name: str) -> None:
+    """Switch a schedule off, as its toggle under Automation does."""
+    stopped = graphql(port, STOP_SCHEDULE, {"id": automations(port)[name][0]})
+    assert stopped["stopRunningSchedule"].get("scheduleState") == {"status": "STOPPED"}, stopped

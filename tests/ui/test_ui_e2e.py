@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from dagster_server import (
+    automations,
     dev_server,
     graphql,
     launch_assets,
     launch_backfill,
-    repository_selector,
+    stop_schedule,
     stop_sensor,
     wait_for_backfill,
     wait_for_run,
@@ -65,35 +66,6 @@ def _dismiss_newsletter(page) -> None:
     except PlaywrightTimeout:
         return  # not shown (a later Dagster may drop it): nothing covers the page
     skip.click()
-
-
-REPOSITORY_AUTOMATIONS = """
-query Automations($selector: RepositorySelector!) {
-  repositoryOrError(repositorySelector: $selector) {
-    ... on Repository {
-      schedules { name scheduleState { id status } }
-      sensors { name sensorState { id status } }
-    }
-  }
-}"""
-STOP_SCHEDULE = """
-mutation Stop($id: String!) {
-  stopRunningSchedule(id: $id) {
-    __typename
-    ... on ScheduleStateResult { scheduleState { status } }
-    ... on PythonError { message }
-  }
-}"""
-
-
-def _automations(port: int) -> dict[str, tuple[str, str]]:
-    """{schedule or sensor name: (its instigation state id, RUNNING or STOPPED)}."""
-    repo = graphql(port, REPOSITORY_AUTOMATIONS,
-                   {"selector": repository_selector(port)})["repositoryOrError"]
-    return {**{s["name"]: (s["scheduleState"]["id"], s["scheduleState"]["status"])
-               for s in repo["schedules"]},
-            **{s["name"]: (s["sensorState"]["id"], s["sensorState"]["status"])
-               for s in repo["sensors"]}}
 
 
 def _new_page(playwright, base: str):
@@ -184,14 +156,14 @@ def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
     shots = tmp_path / "shots"
     shots.mkdir()
     with dev_server(tmp_path, recipes) as port:
-        states = _automations(port)
-        assert {name: states[name][1] for name in AUTOMATIONS} == AUTOMATIONS, states
+        states = automations(port)
+        assert {name: status for name, (_, status) in states.items()
+                if name in AUTOMATIONS} == AUTOMATIONS, states
         _browse_automation(port, shots)
         # The sensor would request the same evals as the backfill: this test launches its own;
         # the schedule, ticking at 02:00 during a test, would request a retrain.
         stop_sensor(port, SENSOR_NAME)
-        stopped = graphql(port, STOP_SCHEDULE, {"id": states["quickstart_schedule"][0]})
-        assert stopped["stopRunningSchedule"].get("scheduleState") == {"status": "STOPPED"}, stopped
+        stop_schedule(port, "quickstart_schedule")
         nodes = graphql(port, "{ assetNodes { assetKey { path } isExecutable isPartitioned } }")
         # The unpartitioned stages in one run: training registers the checkpoint partitions.
         keys = [n["assetKey"]["path"] for n in nodes["assetNodes"]
