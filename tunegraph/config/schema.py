@@ -605,6 +605,12 @@ class AdapterConcern(StrictModel):
     lora_fan_in_fan_out: bool = Field(False, description="bool, default false: for Conv1D layers.")
     lora_modules_to_save: list[str] | None = Field(None, description="list: modules trained in "
                                                                      "full beside the adapter.")
+    lora_target_parameters: list[str] | None = Field(
+        None, description="list, default none: parameters (not modules) that get adapters, such "
+                          "as MoE experts' 3D weights: [mlp.experts.gate_up_proj, "
+                          "mlp.experts.down_proj] (PEFT's target_parameters); needs "
+                          "lora_dropout 0. With kernels.moe the adapters run inside the "
+                          "experts' grouped GEMMs.")
 
     @field_validator("adapter")
     @classmethod
@@ -621,6 +627,10 @@ class AdapterConcern(StrictModel):
             if set_keys:
                 raise ValueError(f"{', '.join(set_keys)} set but adapter is not set: add "
                                  f"adapter: lora, or remove them for a full fine-tune")
+        if self.lora_target_parameters and self.lora_dropout:
+            raise ValueError(f"lora_target_parameters needs lora_dropout: 0 (got "
+                             f"{self.lora_dropout}): PEFT cannot apply dropout to a parameter's "
+                             f"adapter")
         return self
 
 
@@ -1018,6 +1028,18 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
         if self.early_stopping_patience is not None and not evaluates:
             raise ValueError("early_stopping_patience needs evaluation during training: set "
                              "eval_steps, evals_per_epoch or eval_strategy: epoch")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_kernels_need_lora(self) -> Recipe:
+        options = self.kernel_options()
+        if options.lora_on and not self.is_lora:
+            keys = options.recipe_keys
+            on = [keys.get(op, f"kernels.{op}") for op in ("lora_mlp", "lora_qkv", "lora_o")
+                  if getattr(options, op)]
+            raise ValueError(f"{', '.join(on)}: the LoRA kernels replace PEFT's LoRA layers and "
+                             f"need adapter: lora (adapter is {self.adapter or 'not set'}); add "
+                             f"adapter: lora or turn {on[0]} off")
         return self
 
     def bind_source(self, name: str, source_path: Path | None,

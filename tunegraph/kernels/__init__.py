@@ -16,7 +16,10 @@ before this package is imported).
 | rms_norm.py | RMSNorm, Llama (cast, then scale) and Gemma (1 + w)  | LlamaRMSNorm, GemmaRMSNorm        |
 | swiglu.py   | silu(gate) * up and gelu_tanh(gate) * up             | LlamaMLP / GemmaMLP's act_fn      |
 | rope.py     | rotary embedding of q and k in one launch (GQA)      | llama's apply_rotary_pos_emb      |
+| moe.py      | MoE experts: sorted grouped GEMMs, SwiGLU, LoRA fused | HF's eager <Model>Experts, PEFT   |
 | patch.py    | `apply_kernels`: swaps them into HF models           | kernels on/off golden trajectory  |
+| lora.py     | LoRA linear, q/k/v, MLP: hand-derived backwards      | PEFT's LoraLayer, fp64            |
+| lora_patch.py | `apply_lora_kernels`: swaps those into PEFT models | LoRA kernels on/off golden        |
 
 This package imports nothing from tunegraph outside it, and no transformers.
 """
@@ -104,11 +107,20 @@ def dense_like(grad: torch.Tensor, like: torch.Tensor) -> bool:
             and grad.stride() == like.stride() and is_dense(grad))
 
 
+from tunegraph.kernels.lora import (  # noqa: E402
+    LoRAWeights,
+    lora_linear,
+    lora_mlp,
+    lora_projections,
+)
+from tunegraph.kernels.lora_patch import apply_lora_kernels  # noqa: E402
+from tunegraph.kernels.moe import moe_experts, moe_experts_reference  # noqa: E402
 from tunegraph.kernels.patch import KernelOptions, apply_kernels  # noqa: E402
 from tunegraph.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from tunegraph.kernels.rope import apply_rotary, apply_rotary_reference  # noqa: E402
 from tunegraph.kernels.swiglu import geglu, glu_reference, swiglu  # noqa: E402
 
-__all__ = ["HAS_TRITON", "INTERPRET", "KernelOptions", "apply_kernels", "apply_rotary",
-           "apply_rotary_reference", "geglu", "glu_reference", "rms_norm", "rms_norm_reference",
-           "swiglu", "use_triton"]
+__all__ = ["HAS_TRITON", "INTERPRET", "KernelOptions", "LoRAWeights", "apply_kernels",
+           "apply_lora_kernels", "lora_linear", "lora_mlp", "lora_projections", "apply_rotary",
+           "apply_rotary_reference", "geglu", "glu_reference", "moe_experts",
+           "moe_experts_reference", "rms_norm", "rms_norm_reference", "swiglu", "use_triton"]

@@ -22,6 +22,9 @@ are added to the residual, which shares their dy, so their backward allocates. T
 writes its gradients over the gate/up projections (fresh tensors nothing else reads), and the
 RoPE backward writes over the attention's dq/dk. Any other model_type raises `ValueError` naming the
 recipe key: a kernel key never silently does nothing.
+
+`moe` (MoE experts of qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe) is
+tunegraph/kernels/moe_patch.py's `apply_moe_kernels`, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class KernelSwitches(Protocol):
     glu: bool
     rope: bool
     fused_linear_cross_entropy: bool
+    moe: bool
     recipe_keys: Mapping[str, str]
 
 
@@ -56,6 +60,7 @@ class KernelOptions:
     glu: bool = False
     rope: bool = False
     fused_linear_cross_entropy: bool = False
+    moe: bool = False  # MoE experts as grouped GEMMs (tunegraph/kernels/moe_patch.py)
     # op -> the recipe key that turned it on, for error messages ("liger_rope").
     recipe_keys: Mapping[str, str] = field(default_factory=dict)
 
@@ -216,4 +221,10 @@ def apply_kernels(model: torch.nn.Module, options: KernelSwitches) -> dict[str, 
 
         apply_fused_linear_cross_entropy(model)
         patched["fused_linear_cross_entropy"] = 1
+    if getattr(options, "moe", False):
+        # MoE models' experts; imported only when asked for. Raises naming the key for model
+        # types without experts the kernel computes.
+        from tunegraph.kernels.moe_patch import apply_moe_kernels
+
+        patched["moe"] = apply_moe_kernels(model, _recipe_key(options, "moe"))
     return patched

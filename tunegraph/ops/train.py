@@ -64,7 +64,8 @@ def add_lora(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel:
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                         lora_dropout=recipe.lora_dropout, target_modules=targets,
                         fan_in_fan_out=recipe.lora_fan_in_fan_out,
-                        modules_to_save=recipe.lora_modules_to_save, task_type="CAUSAL_LM")
+                        modules_to_save=recipe.lora_modules_to_save,
+                        target_parameters=recipe.lora_target_parameters, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # PEFT says which target modules matched nothing
@@ -301,6 +302,10 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
         model.config.use_cache = False
     if recipe.is_lora:
         model = add_lora(recipe, model)
+        if recipe.kernel_options().lora_on:  # after LoRA: these patches replace PEFT's layers
+            from tunegraph.kernels.lora_patch import apply_lora_kernels
+
+            apply_lora_kernels(model, recipe.kernel_options())
     return model, tokenizer
 
 
