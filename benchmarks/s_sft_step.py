@@ -25,8 +25,9 @@ Shared by all: the same rows (WORK/<bench>/tokenized/train.parquet: one 4096-tok
 row, token ids drawn from a Zipf law over the vocabulary so the loss moves, labels = input_ids,
 no padding, full causal attention), micro-batch 1, no gradient accumulation, fused AdamW, lr
 2e-5 (S1) / 2e-4 (S2) constant, no warm-up, weight decay 0, clipping at 1.0, seed 0 (weights of
-the adapter, data order), bf16 autocast over fp32 weights (Trainer's bf16=True; tunegraph loads
-every model in fp32, so the peers do too), SDPA attention, gradient checkpointing off (TRL's
+the adapter, data order), bf16 autocast (Trainer's bf16=True) over fp32 weights for the full
+fine-tune, and for LoRA over a bf16 frozen base with fp32 adapters (what tunegraph's
+lora_base_dtype loads, and what TRL's defaults load too), SDPA attention, gradient checkpointing off (TRL's
 default is on: set off), logging every step.
 Times: the host clock at each logged step, after torch.cuda.synchronize() (a Trainer callback
 for the peers, the `progress` hook for tunegraph: the same instant of the loop), so a step is
@@ -263,6 +264,14 @@ def train_rows(work: Path):
     return datasets.Dataset(pq.read_table(work / "tokenized" / "train.parquet"))
 
 
+def base_dtype(cfg: dict[str, Any]):
+    """fp32 weights for the full fine-tune; a bf16 frozen base for LoRA under bf16 (PEFT keeps
+    the adapters fp32): tunegraph.ops.train.lora_base_dtype's choice, given to every peer."""
+    import torch
+
+    return torch.bfloat16 if cfg["lora"] and cfg["bf16"] else torch.float32
+
+
 def run_hf(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock) -> dict[str, Any]:
     import torch
     from peft import get_peft_model
@@ -275,7 +284,7 @@ def run_hf(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock) -> 
     )
 
     set_seed(SEED)  # before the adapter's init, as SFTTrainer and tunegraph do
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=base_dtype(cfg),
                                                  attn_implementation="sdpa")
     if cfg["lora"]:
         model = get_peft_model(model, lora_config())
@@ -293,8 +302,9 @@ def run_trl(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock,
 
     args = SFTConfig(**training_arguments(cfg, out_dir), max_length=cfg["sequence_len"],
                      packing=False, use_liger_kernel=liger,
-                     model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"})
-    # The model as a path: TRL's own loading (fp32, device_map auto) and PEFT wrapping.
+                     model_init_kwargs={"dtype": str(base_dtype(cfg)).removeprefix("torch."),
+                                        "attn_implementation": "sdpa"})
+    # The model as a path: TRL's own loading (device_map auto) and PEFT wrapping.
     trainer = SFTTrainer(model=str(work / "model"), args=args, train_dataset=train_rows(work),
                          processing_class=AutoTokenizer.from_pretrained(work / "model"),
                          peft_config=lora_config() if cfg["lora"] else None,
@@ -520,8 +530,10 @@ def run_bench(args: argparse.Namespace) -> int:
                       f"random init, shape {cfg['shape']}",
              "settings": {k: cfg[k] for k in ("sequence_len", "steps", "warmup", "lr", "bf16",
                                                "dry_run")} | {"repeats": args.repeats},
-             "precision": "bf16 autocast over fp32 weights (Trainer bf16=True) for every "
-                          "provider" if cfg["bf16"] else "fp32 (CPU dry run)",
+             "precision": ("fp32 (CPU dry run)" if not cfg["bf16"] else
+                           "bf16 autocast over a bf16 frozen base, fp32 adapters (Trainer "
+                           "bf16=True), every provider" if cfg["lora"] else
+                           "bf16 autocast over fp32 weights (Trainer bf16=True), every provider"),
              "gradient_checkpointing": False, "pass_checks": checks,
              "versions": records[next(iter(records))]["versions"] if records else None,
              "skipped": skipped, "errors": errors}

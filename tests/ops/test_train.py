@@ -155,3 +155,26 @@ def test_lora_init_follows_the_recipe_seed(prepared, tmp_path):
         trajectories.append(losses(train_run(prepared, tmp_path / str(len(trajectories)), **keys)))
     assert trajectories[0] == trajectories[1]
     assert trajectories[2][1:] != trajectories[0][1:]
+
+
+def test_lora_in_mixed_precision_freezes_a_half_precision_base(prepared):
+    """bf16/fp16 LoRA loads the frozen base in that dtype (autocast casts it for every matmul
+    anyway) and trains fp32 adapters and modules_to_save; full fine-tunes, fp32 LoRA and sharded
+    LoRA keep an fp32 base. The dtype is in the training key only when it is not fp32."""
+    from tunegraph.ops.stages import training_key_values
+    from tunegraph.ops.train import lora_base_dtype, prepare_model
+
+    folder = prepared["folder"]
+    lora = {**RUNS["lora_tiny"], "lora_modules_to_save": ["lm_head"]}
+    bf16 = make(folder, **lora, bf16=True)
+    model, _ = prepare_model(bf16, prepared["base_dir"])
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and set(trainable.values()) == {torch.float32}
+    assert any("lm_head" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert lora_base_dtype(make(folder, **lora, fp16=True, bf16=False)) == torch.float16
+    assert training_key_values(bf16)["lora_base_dtype"] == "bfloat16"
+    for recipe in (make(folder, **lora), make(folder, bf16=True),
+                   make(folder, **lora, bf16=True, fsdp=["full_shard"])):
+        assert lora_base_dtype(recipe) is None
+        assert "lora_base_dtype" not in training_key_values(recipe)

@@ -155,6 +155,12 @@ def training_key_values(recipe: Recipe) -> dict[str, Any]:
                    if v is not None})
     if recipe.deepspeed:
         values["deepspeed_config"] = deepspeed_fingerprint(recipe)  # the JSON's content
+    if values.get("lora_target_parameters") is None:  # a newer key: unset keeps older keys
+        values.pop("lora_target_parameters", None)
+    from tunegraph.ops.train import lora_base_dtype
+
+    if (dtype := lora_base_dtype(recipe)) is not None:  # the frozen base in half precision
+        values["lora_base_dtype"] = str(dtype).removeprefix("torch.")
     return {k: v for k, v in values.items() if k not in NOT_HASHED}
 
 

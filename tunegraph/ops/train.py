@@ -55,6 +55,25 @@ def mixed_precision(recipe: Recipe) -> dict[str, bool]:
     return {"bf16": bool(bf16), "fp16": bool(recipe.fp16)}
 
 
+def lora_base_dtype(recipe: Recipe) -> torch.dtype | None:
+    """The frozen base's dtype when a LoRA recipe trains in mixed precision, else None (fp32).
+
+    Autocast casts every weight to bf16/fp16 for its matmul anyway, so a half-precision base
+    changes only what norms and embeddings read, halves the base's memory and drops the casts
+    (the 8B shape of benchmarks/s_sft_step.py: 16 GB less). The adapters stay fp32 (PEFT upcasts
+    them; modules_to_save are upcast in prepare_model). Not with fsdp/deepspeed: they shard
+    flat groups of one dtype, and mixed groups have not been run here. Never raises (the
+    training key calls it): a bf16 recipe on a CPU fails in mixed_precision at training."""
+    if not recipe.is_lora or recipe.fsdp or recipe.deepspeed:
+        return None
+    if recipe.fp16:
+        return torch.float16
+    if recipe.bf16 is True or (recipe.bf16 == "auto" and torch.cuda.is_available()
+                               and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
 def add_lora(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel:
     """Wrap `model` with a PEFT LoRA adapter as the recipe's lora_* keys say."""
     if recipe.lora_target_linear:
@@ -293,7 +312,7 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
     # whatever ran earlier in the process (Trainer seeds only later, at construction).
     set_seed(recipe.seed)
     tokenizer = load_tokenizer(recipe, base_dir)
-    model = load_model(recipe, base_dir)
+    model = load_model(recipe, base_dir, dtype=lora_base_dtype(recipe) or torch.float32)
     if (kernels := recipe.kernel_options()).any_on:  # before LoRA: the patches see HF's modules
         from tunegraph.kernels import apply_kernels  # triton is imported only when asked for
 
@@ -302,6 +321,9 @@ def prepare_model(recipe: Recipe, base_dir: Path) -> tuple[PreTrainedModel, PreT
         model.config.use_cache = False
     if recipe.is_lora:
         model = add_lora(recipe, model)
+        for param in model.parameters():  # fp32 master weights for whatever trains
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         if recipe.kernel_options().lora_on:  # after LoRA: these patches replace PEFT's layers
             from tunegraph.kernels.lora_patch import apply_lora_kernels
 

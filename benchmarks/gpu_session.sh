@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 5's GPU work in one device call on two GPUs (nvidia-h200-x2), each GPU a lane of its own:
+#   lane 0: the kernel tests (-m gpu), then K3, K2, K1 (+ its profile)
+#   lane 1: M1, then S1
+# and, as a second call (`s2`), S2 alone. Logs and result JSONs go to $OUT; copy the JSONs to
+# benchmarks/results/ afterwards. Run from the repo root after the wheel install (GPU.md):
+#   bash benchmarks/gpu_session.sh          # ~9 min
+#   bash benchmarks/gpu_session.sh s2       # ~5 min
+# Each step has its own time limit, so one that hangs leaves the others' results.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, print the tail
+  local name=$1 limit=$2
+  shift 2
+  local started=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc, $((SECONDS - started)) s (GPU $CUDA_VISIBLE_DEVICES)" >> "$OUT/steps.txt"
+}
+
+lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels -m gpu
+  step K3 140 python3 benchmarks/k3_lora.py --out "$OUT/K3.json"
+  step K2 120 python3 benchmarks/k2_flce.py --out "$OUT/K2.json"
+  step K1 70 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
+  step K1_profile 35 python3 benchmarks/k1_norm_glu_rope.py --profile
+}
+
+lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step M1 300 python3 benchmarks/m1_moe.py --out "$OUT/M1.json"
+  step S1 240 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 200
+}
+
+if [ "${1:-}" = s2 ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
+else
+  python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'
+  lane0 &
+  lane1 &
+  wait
+fi
+cat "$OUT/steps.txt"
