@@ -376,14 +376,17 @@ def _flce_loss_setup_context(ctx, inputs, output):
     ctx.backward_done = False
 
 
-def _scaled_saved_grads(ctx, grad_loss) -> list[torch.Tensor]:
-    """The gradients the forward computed, times the loss's incoming gradient."""
+def _scaled_saved_grads(ctx, grad_loss, in_place: bool) -> list[torch.Tensor]:
+    """The gradients the forward computed, times the loss's incoming gradient: in place in
+    eager mode; out of place when traced (the custom op's backward, which runs only under
+    torch.compile, where `grad_loss == 1.0` can not be asked of a traced tensor: AOTAutograd
+    traces this backward outside dynamo, so torch.compiler.is_compiling() is False there)."""
     if ctx.backward_done:
         raise RuntimeError("fused_linear_cross_entropy: the gradients were computed in the forward "
                            "and are scaled in place by the backward, so it runs once per forward")
     ctx.backward_done = True
     grads = list(ctx.saved_tensors)
-    if torch.compiler.is_compiling():
+    if not in_place:
         return [grad * grad_loss for grad in grads]
     if not bool(grad_loss == 1.0):
         # In place: a copy of grad_weight would add V·H·2 bytes to the peak (1 GB at K2).
@@ -395,7 +398,7 @@ def _scaled_saved_grads(ctx, grad_loss) -> list[torch.Tensor]:
 
 
 def _flce_loss_backward(ctx, grad_loss, _grad_z_loss, _gh, _gw, _gb):
-    grads, needs = _scaled_saved_grads(ctx, grad_loss), ctx.needs_input_grad
+    grads, needs = _scaled_saved_grads(ctx, grad_loss, in_place=False), ctx.needs_input_grad
     return tuple(grads[i] if needs[i] else None for i in range(3)) + (None,) * 11
 
 
@@ -422,7 +425,7 @@ class _FlceLossEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z_loss):
-        grads, needs = _scaled_saved_grads(ctx, grad_loss), ctx.needs_input_grad
+        grads, needs = _scaled_saved_grads(ctx, grad_loss, in_place=True), ctx.needs_input_grad
         return tuple(grads[i] if needs[i] else None for i in range(3)) + (None,) * 11
 
 
