@@ -20,6 +20,8 @@ and sin once per token. ~3 FLOPs per element: memory-bound.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tunegraph.kernels import is_dense, tl, triton, use_triton
@@ -171,39 +173,48 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(kernel, q, k, cos, sin, q_out, k_out) -> None:
-    """One program per (batch, block of tokens); q/k/q_out/k_out are [B, H, T, D], stride 1 on D."""
-    batch, num_q_heads, seq_len, head_dim = q.shape
-    num_k_heads = k.shape[1]
-    cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    cos_sb = cos.stride(0) if cos.shape[0] > 1 else 0
+@functools.lru_cache(maxsize=64)
+def _launch_config(num_q_heads: int, num_k_heads: int, head_dim: int, seq_len: int
+                   ) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_QH, BLOCK_KH, BLOCK_HALF, num_warps), cached per shape: the host path
+    sets RoPE's time below ~16k tokens (benchmarks/NOTES.md, K1 outcome 2)."""
     block_qh, block_kh = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_k_heads)
     block_half = triton.next_power_of_2(head_dim // 2)
     per_token = (block_qh + block_kh) * block_half
     # One token per program from ~2K elements per half up (a 7B's 32+8 heads of 128); fewer
     # heads are stacked over tokens to that size (small models, and the interpreter).
     block_t = min(triton.next_power_of_2(seq_len), 1 << max(0, (2048 // per_token).bit_length() - 1))
-    elements = block_t * per_token * 2
+    # ~16 elements per thread: 4 warps for a 7B's 32+8 heads of 128 would be 40.
+    num_warps = 8 if block_t * per_token * 2 >= 4096 else 4
+    return block_t, block_qh, block_kh, block_half, num_warps
+
+
+def _launch(kernel, q, k, cos, sin, q_out, k_out) -> None:
+    """One program per (batch, block of tokens); q/k/q_out/k_out are [B, H, T, D], stride 1 on D."""
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cos_sb = cos.stride(0) if cos.shape[0] > 1 else 0
+    block_t, block_qh, block_kh, block_half, num_warps = _launch_config(
+        num_q_heads, k.shape[1], head_dim, seq_len)
     kernel[(batch * triton.cdiv(seq_len, block_t),)](
         q, k, cos, sin, q_out, k_out, seq_len,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos_sb, cos.stride(1), num_q_heads, num_k_heads, head_dim // 2,
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+        cos_sb, cos.stride(1), num_q_heads, k.shape[1], head_dim // 2,
         BLOCK_T=block_t, BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half,
-        # ~16 elements per thread: 4 warps for a 7B's 32+8 heads of 128 would be 40.
-        num_warps=8 if elements >= 4096 else 4)
+        num_warps=num_warps)
 
 
 def _out_dtype(x: torch.Tensor, cos: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, cos.dtype)
 
 
-def rope_forward(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_embed, k_embed), new tensors with q's and k's strides."""
-    _check(q, k, cos, sin)
+def rope_forward(q, k, cos, sin, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_embed, k_embed), new tensors with q's and k's strides (`checked`: the caller ran
+    _check already)."""
+    if not checked:
+        _check(q, k, cos, sin)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     q_out = torch.empty_like(q, dtype=_out_dtype(q, cos))
     k_out = torch.empty_like(k, dtype=_out_dtype(k, cos))
@@ -282,7 +293,7 @@ class _RopeInplaceBackward(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
-        return rope_forward(q, k, cos, sin)
+        return rope_forward(q, k, cos, sin, checked=True)
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
