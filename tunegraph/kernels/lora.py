@@ -22,15 +22,24 @@ N x I pass = 235 MB, ~55 us on an H200):
   In the backward dyb = s dy B is one product per projection, dA = dybᵀ x one product for all
   projections sharing x, and dX = dyb A first, then += dy W for each projection: one dX buffer,
   no separate LoRA dX and no add (PEFT: five passes over dX for q/k/v).
-- The MLP's middle is two Triton kernels (`_lora_glu_fwd_kernel`, `_lora_glu_bwd_kernel`) that
-  read cuBLAS's base outputs and add gate's and up's rank-r terms themselves (a tl.dot with K = r),
-  so g and u are never written: forward reads gate and up, writes h and accumulates h A_downᵀ
-  (3 passes over N x I, where PEFT makes ~18); backward adds dy's rank-r term to dh, recomputes
-  g, u and act(g) (swiglu.py's `_activation`), writes d gate and d up over the saved base
-  outputs, and reduces dA_down, dB_gate, dB_up and gate/up's dyb in the same pass (5 passes,
-  PEFT ~22).
+- The MLP's middle is two purely elementwise, memory-bound Triton kernels over the flattened
+  [N, I] buffers (`_lora_glu_fwd_kernel`, `_lora_glu_bwd_kernel`, GLU_BLOCK elements a program);
+  every rank-r product is a cuBLAS call like the projections' (an earlier version added gate/up's
+  rank-r terms and reduced dA/dB inside the kernels with tl.dot at K = r: 5.7 ms of the H200's
+  13.3 ms, compute- and latency-bound, where the elementwise floor is ~0.5 ms; benchmarks/NOTES.md,
+  K3). Forward: gate = s xa_g B_gᵀ (+ b), += x W_gᵀ in the epilogue, up alike; the kernel reads
+  gate and up and writes h = act(gate) * up (3 passes over N x I, where PEFT makes ~18); h A_downᵀ
+  is a skinny product (one read of h). Backward: dh = dyb_down A_down, += dy W_down in the
+  epilogue (with down's dropout the rank-r term stays apart and the kernel applies the mask to
+  it); the kernel reads dh, gate, up, recomputes act(gate) (swiglu.py's `_activation`) and writes
+  d gate and d up over the saved gate and up and drop(h) over dh (6 passes, PEFT ~22). Then one
+  skinny product each reads them again: dA_down = dybᵀ drop(h), s d gate B_g and s d up B_u (one
+  [N, r_g + r_u] buffer), dB_gate = s d gateᵀ xa_g, dB_up alike: 5 passes of ~55 us. (The
+  rank-r terms written under gate, up and dh cost a pass each, and the base GEMMs read them
+  in their compute-bound epilogues.)
 - Saved between forward and backward: x (or its dropout per projection), xa (N x r), and for the
-  MLP the base gate and up outputs and h A_downᵀ: no act(g), no h (PEFT keeps g, act(g), u, h).
+  MLP gate and up (LoRA included), h A_downᵀ and down's keep mask when it has dropout: no act(g),
+  no h (PEFT keeps g, act(g), u, h).
 - Dropout (PEFT's lora_dropout) is torch's, drawn in PEFT's order (q, k, v; gate, up, down), so a
   seeded run draws PEFT's masks: on x outside the autograd Function (autograd carries it), on h
   inside as aten.native_dropout, whose keep mask the backward kernel applies.
@@ -50,13 +59,11 @@ import torch.nn.functional as F
 from tunegraph.kernels import INTERPRET, tl, triton, use_triton
 from tunegraph.kernels.swiglu import _activation, glu_reference
 
-# MLP middle tiles: BLOCK_N rows (tl.dot's smallest M) by BLOCK_I columns. Forward: one program
-# per 16 rows walks all I columns (h A_downᵀ is a sum over I, kept in registers; 512 programs at
-# 8192 tokens). Backward: one program per 128 columns and a run of rows (dA_down, dB_gate, dB_up
-# are sums over rows, kept in registers); 8 warps hold a 16 x 128 fp32 tile in 8 registers per
-# thread, ~10 tiles live. Triton's interpreter pays per operation, not per element: 64 rows there.
-BLOCK_N = 64 if INTERPRET else 16
-MAX_BLOCK_I = 128
+# The MLP's middle: one program per GLU_BLOCK contiguous elements of the flattened [N, I] buffers
+# (8 warps x 32 threads x 16 elements: two 128-bit bf16 accesses per thread per tensor; 28672
+# programs at K3's 8192 x 14336). Purely elementwise: every rank-r product is a cuBLAS call.
+GLU_BLOCK = 4096
+GLU_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -105,18 +112,6 @@ def lora_mlp_reference(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down
 # ---------------------------------------------------------------- Triton: the MLP's middle
 
 @triton.jit
-def _dot(a, b, INTERPRETER: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b, fp32 accumulation. In Triton's interpreter the bf16 tl.dot is wrong (2.7e10 off at
-    40x16x16, triton 3.9); bf16 products are exact in fp32, so fp32 operands give the same sums.
-    IEEE for fp32 operands on a GPU (the default, tf32, would cost ~3e-4 relative)."""
-    if INTERPRETER:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _round(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     """fp32 x rounded to `dtype` (to nearest, ties to even), in `dtype`. The interpreter's fp32 ->
     bf16 cast truncates (2^-7 relative, biased; a GPU rounds to 2^-8), so there the rounding is
@@ -129,205 +124,74 @@ def _round(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _lora_glu_fwd_kernel(G, U, XA, BG, BU, AD, H, HA, num_rows, num_cols, rank_g, rank_u, rank_d,
-                         stride_g, stride_u, stride_xa, stride_bg, stride_bu, stride_ad, stride_h,
-                         stride_ha, scale_g, scale_u, GELU: tl.constexpr, FUSE_HA: tl.constexpr,
-                         INTERPRETER: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_I: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-                         RD: tl.constexpr):
+def _lora_glu_fwd_kernel(G, U, H, num_elements, GELU: tl.constexpr, INTERPRETER: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # g and u are gate_proj(x) and up_proj(x) with their LoRA terms (cuBLAS wrote them): HF's
+    # act(g), rounded to the dtype as its separate op rounds it, times u.
     dtype = H.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-    row_mask = rows < num_rows
-    kg = tl.arange(0, RG)
-    ku = tl.arange(0, RU)
-    kd = tl.arange(0, RD)
-    # xa = [x A_gateᵀ | x A_upᵀ] for these rows; the padding to RG/RU columns loads zeros.
-    xa_g = tl.load(XA + rows * stride_xa + kg[None, :], mask=row_mask & (kg[None, :] < rank_g),
-                   other=0.0)
-    xa_u = tl.load(XA + rows * stride_xa + rank_g + ku[None, :],
-                   mask=row_mask & (ku[None, :] < rank_u), other=0.0)
-    ha = tl.full([BLOCK_N, RD], 0.0, tl.float32)
-    for first in range(0, num_cols, BLOCK_I):
-        cols = first + tl.arange(0, BLOCK_I)
-        col_mask = cols < num_cols
-        mask = row_mask & col_mask[None, :]
-        bg_t = tl.load(BG + cols[None, :] * stride_bg + kg[:, None],
-                       mask=col_mask[None, :] & (kg[:, None] < rank_g), other=0.0)  # [RG, BLOCK_I]
-        bu_t = tl.load(BU + cols[None, :] * stride_bu + ku[:, None],
-                       mask=col_mask[None, :] & (ku[:, None] < rank_u), other=0.0)
-        g = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # gate_proj(x) and up_proj(x) as HF sees them (rounded to the dtype), then its act * up.
-        g = g + scale_g * _dot(xa_g, bg_t, INTERPRETER, IEEE)
-        u = u + scale_u * _dot(xa_u, bu_t, INTERPRETER, IEEE)
-        g = _round(g, dtype, INTERPRETER).to(tl.float32)
-        u = _round(u, dtype, INTERPRETER).to(tl.float32)
-        act, _ = _activation(g, GELU)
-        h = _round(_round(act, dtype, INTERPRETER).to(tl.float32) * u, dtype, INTERPRETER)
-        tl.store(H + rows * stride_h + cols[None, :], h, mask=mask)
-        if FUSE_HA:
-            ad_t = tl.load(AD + kd[None, :] * stride_ad + cols[:, None],
-                           mask=col_mask[:, None] & (kd[None, :] < rank_d), other=0.0)
-            ha += _dot(h, ad_t, INTERPRETER, IEEE)
-    if FUSE_HA:
-        tl.store(HA + rows * stride_ha + kd[None, :], _round(ha, dtype, INTERPRETER),
-                 mask=row_mask & (kd[None, :] < rank_d))
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < num_elements
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offsets, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _activation(g, GELU)
+    h = _round(act, dtype, INTERPRETER).to(tl.float32) * u
+    tl.store(H + offsets, _round(h, dtype, INTERPRETER), mask=mask)
 
 
 @triton.jit
-def _lora_glu_bwd_kernel(DH, G, U, XA, BG, BU, AD, DYB, KEEP, DXA_PART, DA_PART, DBG_PART,
-                         DBU_PART, num_rows, num_cols, rows_per_program, rank_g, rank_u, rank_d,
-                         stride_dh, stride_g, stride_u, stride_xa, stride_bg, stride_bu,
-                         stride_ad, stride_dyb, stride_keep, scale_g, scale_u, keep_scale,
-                         GELU: tl.constexpr, DROPOUT: tl.constexpr, INTERPRETER: tl.constexpr,
-                         IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                         RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr):
+def _lora_glu_bwd_kernel(DH, DH_LORA, KEEP, G, U, num_elements, keep_scale, GELU: tl.constexpr,
+                         DROPOUT: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK: tl.constexpr):
     dtype = G.dtype.element_ty
-    pid_col = tl.program_id(0)
-    pid_row = tl.program_id(1)
-    cols = pid_col * BLOCK_I + tl.arange(0, BLOCK_I)
-    col_mask = cols < num_cols
-    kg = tl.arange(0, RG)
-    ku = tl.arange(0, RU)
-    kd = tl.arange(0, RD)
-    bg_t = tl.load(BG + cols[None, :] * stride_bg + kg[:, None],
-                   mask=col_mask[None, :] & (kg[:, None] < rank_g), other=0.0)      # [RG, BLOCK_I]
-    bu_t = tl.load(BU + cols[None, :] * stride_bu + ku[:, None],
-                   mask=col_mask[None, :] & (ku[:, None] < rank_u), other=0.0)
-    ad = tl.load(AD + kd[:, None] * stride_ad + cols[None, :],
-                 mask=col_mask[None, :] & (kd[:, None] < rank_d), other=0.0)         # [RD, BLOCK_I]
-    da = tl.full([RD, BLOCK_I], 0.0, tl.float32)
-    dbg = tl.full([BLOCK_I, RG], 0.0, tl.float32)
-    dbu = tl.full([BLOCK_I, RU], 0.0, tl.float32)
-    row_start = pid_row.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, num_rows)
-    for first in range(row_start, row_end, BLOCK_N):
-        rows = first + tl.arange(0, BLOCK_N)[:, None]
-        row_mask = rows < row_end
-        mask = row_mask & col_mask[None, :]
-        # dh = dy W_down (cuBLAS, given) + (s dy B_down) A_down, through the dropout's mask.
-        dyb = tl.load(DYB + rows * stride_dyb + kd[None, :],
-                      mask=row_mask & (kd[None, :] < rank_d), other=0.0)
-        dh_lora = _dot(dyb, ad, INTERPRETER, IEEE)
-        if DROPOUT:
-            keep = tl.load(KEEP + rows * stride_keep + cols[None, :], mask=mask,
-                           other=0).to(tl.float32) * keep_scale
-            dh_lora = dh_lora * keep
-        dh = tl.load(DH + rows * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh = dh + dh_lora
-        # The forward's g, u, act(g) and h again, from the saved base outputs and xa.
-        xa_g = tl.load(XA + rows * stride_xa + kg[None, :],
-                       mask=row_mask & (kg[None, :] < rank_g), other=0.0)
-        xa_u = tl.load(XA + rows * stride_xa + rank_g + ku[None, :],
-                       mask=row_mask & (ku[None, :] < rank_u), other=0.0)
-        g = tl.load(G + rows * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = g + scale_g * _dot(xa_g, bg_t, INTERPRETER, IEEE)
-        u = u + scale_u * _dot(xa_u, bu_t, INTERPRETER, IEEE)
-        g = _round(g, dtype, INTERPRETER).to(tl.float32)
-        u = _round(u, dtype, INTERPRETER).to(tl.float32)
-        act, dact = _activation(g, GELU)
-        act = _round(act, dtype, INTERPRETER).to(tl.float32)
-        h = _round(act * u, dtype, INTERPRETER).to(tl.float32)
-        if DROPOUT:
-            h = h * keep
-        dg = _round(dh * u * dact, dtype, INTERPRETER)
-        du = _round(dh * act, dtype, INTERPRETER)
-        # Written over the saved base outputs: each element was read above, in this program.
-        tl.store(G + rows * stride_g + cols[None, :], dg, mask=mask)
-        tl.store(U + rows * stride_u + cols[None, :], du, mask=mask)
-        # dA_down = dybᵀ drop(h); dB_gate = s dgᵀ xa_g (s applied at the end); dB_up alike.
-        da += _dot(tl.trans(dyb), _round(h, dtype, INTERPRETER), INTERPRETER, IEEE)
-        dbg += _dot(tl.trans(dg), xa_g, INTERPRETER, IEEE)
-        dbu += _dot(tl.trans(du), xa_u, INTERPRETER, IEEE)
-        # s (dg B_gate | du B_up), summed over columns: this column block's share, fp32.
-        rank = rank_g + rank_u
-        part = DXA_PART + pid_col.to(tl.int64) * num_rows * rank + rows * rank
-        dxa_g = scale_g * _dot(dg, tl.trans(bg_t), INTERPRETER, IEEE)
-        dxa_u = scale_u * _dot(du, tl.trans(bu_t), INTERPRETER, IEEE)
-        tl.store(part + kg[None, :], dxa_g, mask=row_mask & (kg[None, :] < rank_g))
-        tl.store(part + rank_g + ku[None, :], dxa_u, mask=row_mask & (ku[None, :] < rank_u))
-    tl.store(DA_PART + pid_row * rank_d * num_cols + kd[:, None] * num_cols + cols[None, :], da,
-             mask=col_mask[None, :] & (kd[:, None] < rank_d))
-    tl.store(DBG_PART + pid_row * num_cols * rank_g + cols[:, None] * rank_g + kg[None, :],
-             scale_g * dbg, mask=col_mask[:, None] & (kg[None, :] < rank_g))
-    tl.store(DBU_PART + pid_row * num_cols * rank_u + cols[:, None] * rank_u + ku[None, :],
-             scale_u * dbu, mask=col_mask[:, None] & (ku[None, :] < rank_u))
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < num_elements
+    # DH: dy W_down + (s dy B_down) A_down, one cuBLAS buffer; with down's dropout the rank-r
+    # term comes apart (DH_LORA) and passes its keep mask here.
+    dh = tl.load(DH + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offsets, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _activation(g, GELU)
+    act = _round(act, dtype, INTERPRETER).to(tl.float32)
+    h = _round(act * u, dtype, INTERPRETER).to(tl.float32)  # the forward's h, bit for bit
+    if DROPOUT:
+        keep = tl.load(KEEP + offsets, mask=mask, other=0).to(tl.float32) * keep_scale
+        dh = dh + tl.load(DH_LORA + offsets, mask=mask, other=0.0).to(tl.float32) * keep
+        h = h * keep
+    # Written over the inputs: each element was read above, in this program. DH gets drop(h),
+    # which dA_down = dybᵀ drop(h) reads next (cuBLAS); G and U get d gate and d up.
+    tl.store(G + offsets, _round(dh * u * dact, dtype, INTERPRETER), mask=mask)
+    tl.store(U + offsets, _round(dh * act, dtype, INTERPRETER), mask=mask)
+    tl.store(DH + offsets, _round(h, dtype, INTERPRETER), mask=mask)
 
 
-def _rank_block(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))  # tl.dot needs K >= 16 and power-of-two aranges
+def _glu_grid(num_elements: int) -> tuple[int]:
+    return (triton.cdiv(num_elements, GLU_BLOCK),)
 
 
-def _block_i(num_cols: int) -> int:
-    return min(MAX_BLOCK_I, max(16, triton.next_power_of_2(num_cols)))
-
-
-def lora_glu_forward(gate: torch.Tensor, up: torch.Tensor, xa: torch.Tensor,
-                     lora_b_gate: torch.Tensor, lora_b_up: torch.Tensor, scale_gate: float,
-                     scale_up: float, gelu: bool,
-                     lora_a_down: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h = act(gate + s_g xa_g B_gᵀ) * (up + s_u xa_u B_uᵀ) and, given A_down, h A_downᵀ.
-    gate/up [N, I]: the base products; xa [N, r_g + r_u] = [x A_gᵀ | x A_uᵀ]."""
-    num_rows, num_cols = gate.shape
-    assert gate.stride(1) == 1 and up.stride(1) == 1 and xa.stride(1) == 1  # rows of unit stride
-    lora_b_gate, lora_b_up = lora_b_gate.contiguous(), lora_b_up.contiguous()
-    lora_a_down = None if lora_a_down is None else lora_a_down.contiguous()
-    rank_g, rank_u = lora_b_gate.shape[1], lora_b_up.shape[1]
+def lora_glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """h = act(gate) * up, gate and up [N, I] contiguous: the full projections, LoRA included."""
+    assert gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
     h = torch.empty_like(gate)
-    rank_d = 0 if lora_a_down is None else lora_a_down.shape[0]
-    ha = None if lora_a_down is None else gate.new_empty(num_rows, rank_d)
-    _lora_glu_fwd_kernel[(triton.cdiv(num_rows, BLOCK_N),)](
-        gate, up, xa, lora_b_gate, lora_b_up, gate if lora_a_down is None else lora_a_down, h,
-        h if ha is None else ha, num_rows, num_cols, rank_g, rank_u, rank_d, gate.stride(0),
-        up.stride(0), xa.stride(0), lora_b_gate.stride(0), lora_b_up.stride(0),
-        0 if lora_a_down is None else lora_a_down.stride(0), h.stride(0),
-        0 if ha is None else ha.stride(0), scale_gate, scale_up, GELU=gelu,
-        FUSE_HA=lora_a_down is not None, INTERPRETER=INTERPRET, IEEE=gate.dtype == torch.float32,
-        BLOCK_N=BLOCK_N, BLOCK_I=_block_i(num_cols), RG=_rank_block(rank_g),
-        RU=_rank_block(rank_u), RD=_rank_block(max(rank_d, 1)), num_warps=4)
-    return h, ha
+    if h.numel():
+        _lora_glu_fwd_kernel[_glu_grid(h.numel())](
+            gate, up, h, h.numel(), GELU=gelu, INTERPRETER=INTERPRET, BLOCK=GLU_BLOCK,
+            num_warps=GLU_WARPS)
+    return h
 
 
-def lora_glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, xa: torch.Tensor,
-                      lora_b_gate: torch.Tensor, lora_b_up: torch.Tensor,
-                      lora_a_down: torch.Tensor, dyb_down: torch.Tensor, scale_gate: float,
-                      scale_up: float, gelu: bool, keep: torch.Tensor | None, keep_scale: float
-                      ) -> tuple[torch.Tensor, ...]:
-    """From dh = dy W_down and dyb_down = s_d dy B_down: (d gate, d up) written over `gate` and
-    `up`, then fp32 [N, r_g + r_u] s (d gate B_g | d up B_u), dA_down [r_d, I], dB_gate [I, r_g],
-    dB_up [I, r_u]. `keep`: the down projection's dropout mask (bool [N, I]), kept / (1 - p)."""
-    num_rows, num_cols = gate.shape
-    assert all(t.stride(1) == 1 for t in (dh, gate, up, xa, dyb_down))
-    assert keep is None or keep.is_contiguous()
-    lora_b_gate, lora_b_up = lora_b_gate.contiguous(), lora_b_up.contiguous()
-    lora_a_down = lora_a_down.contiguous()
-    rank_g, rank_u, rank_d = lora_b_gate.shape[1], lora_b_up.shape[1], lora_a_down.shape[0]
-    block_i = _block_i(num_cols)
-    num_col_blocks = triton.cdiv(num_cols, block_i)
-    row_blocks = triton.cdiv(num_rows, BLOCK_N)
-    if gate.is_cuda:  # ~4 programs per SM in all; each sums its rows' dA/dB in registers
-        sms = torch.cuda.get_device_properties(gate.device).multi_processor_count
-        num_row_programs = max(1, min(row_blocks, triton.cdiv(4 * sms, num_col_blocks)))
-    else:
-        num_row_programs = min(row_blocks, 2)  # the interpreter pays per program; 2 tests the sum
-    rows_per_program = triton.cdiv(row_blocks, num_row_programs) * BLOCK_N
-    num_row_programs = triton.cdiv(num_rows, rows_per_program)
-    f32 = dict(dtype=torch.float32, device=gate.device)
-    dxa_part = torch.empty(num_col_blocks, num_rows, rank_g + rank_u, **f32)
-    da_part = torch.empty(num_row_programs, rank_d, num_cols, **f32)
-    dbg_part = torch.empty(num_row_programs, num_cols, rank_g, **f32)
-    dbu_part = torch.empty(num_row_programs, num_cols, rank_u, **f32)
-    _lora_glu_bwd_kernel[(num_col_blocks, num_row_programs)](
-        dh, gate, up, xa, lora_b_gate, lora_b_up, lora_a_down, dyb_down,
-        gate if keep is None else keep, dxa_part, da_part, dbg_part, dbu_part, num_rows, num_cols,
-        rows_per_program, rank_g, rank_u, rank_d, dh.stride(0), gate.stride(0), up.stride(0),
-        xa.stride(0), lora_b_gate.stride(0), lora_b_up.stride(0), lora_a_down.stride(0),
-        dyb_down.stride(0), 0 if keep is None else keep.stride(0), scale_gate, scale_up,
-        keep_scale, GELU=gelu, DROPOUT=keep is not None, INTERPRETER=INTERPRET,
-        IEEE=gate.dtype == torch.float32, BLOCK_N=BLOCK_N, BLOCK_I=block_i,
-        RG=_rank_block(rank_g), RU=_rank_block(rank_u), RD=_rank_block(rank_d), num_warps=8)
-    return (gate, up, dxa_part.sum(0), da_part.sum(0), dbg_part.sum(0), dbu_part.sum(0))
+def lora_glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool,
+                      dh_lora: torch.Tensor | None, keep: torch.Tensor | None,
+                      keep_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place, all three [N, I] contiguous: (d gate, d up, drop(h)) written over (gate, up,
+    dh). `dh` is dy W_down plus, without dropout, the rank-r term; with dropout that term is
+    `dh_lora` and `keep` the down projection's mask (bool [N, I]), kept / (1 - p)."""
+    tensors = (dh, gate, up) if keep is None else (dh, gate, up, dh_lora, keep)
+    assert all(t.shape == gate.shape and t.is_contiguous() for t in tensors)
+    if gate.numel():
+        _lora_glu_bwd_kernel[_glu_grid(gate.numel())](
+            dh, dh if dh_lora is None else dh_lora, dh if keep is None else keep, gate, up,
+            gate.numel(), keep_scale, GELU=gelu, DROPOUT=keep is not None,
+            INTERPRETER=INTERPRET, BLOCK=GLU_BLOCK, num_warps=GLU_WARPS)
+    return gate, up, dh
 
 
 # ---------------------------------------------------------------- autograd Functions
@@ -434,17 +298,19 @@ class _LoRAMLP(torch.autograd.Function):
         else:
             lora_xs = (x,)
             xa = x @ torch.cat([a_g, a_u]).t()
-        gate = x @ w_g.t() if b_g is None else torch.addmm(b_g, x, w_g.t())
-        up = x @ w_u.t() if b_u is None else torch.addmm(b_u, x, w_u.t())
+        xa_g, xa_u = xa.split([a_g.shape[0], a_u.shape[0]], dim=1)
+        # The full gate/up projections, each one buffer: s xa Bᵀ (+ b), the base adds onto it.
+        gate = _lora_up(xa_g, bb_g, s_g, b_g).addmm_(x, w_g.t())
+        up = _lora_up(xa_u, bb_u, s_u, b_u).addmm_(x, w_u.t())
+        h = lora_glu_forward(gate, up, gelu)
         keep = None
         if down_dropout > 0:  # PEFT's F.dropout(h cast to lora_A's dtype) draws through this op
-            h, _ = lora_glu_forward(gate, up, xa, bb_g, bb_u, s_g, s_u, gelu, None)
             h_drop, keep = torch.ops.aten.native_dropout(h.to(down_dropout_dtype), down_dropout,
                                                          True)
             ha = h_drop.to(h.dtype) @ a_d.t()
             del h_drop
         else:
-            h, ha = lora_glu_forward(gate, up, xa, bb_g, bb_u, s_g, s_u, gelu, a_d)
+            ha = h @ a_d.t()
         y = _lora_up(ha, bb_d, s_d, b_d).addmm_(h, w_d.t())
         ctx.gelu, ctx.scalings, ctx.has_lora_x = gelu, scalings, has_lora_x
         ctx.down_dropout = down_dropout
@@ -457,28 +323,38 @@ class _LoRAMLP(torch.autograd.Function):
         gate, up, xa, ha, keep, *rest = ctx.saved_tensors
         lora_xs, (w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d) = rest[:-9], rest[-9:]
         s_g, s_u, s_d = ctx.scalings
-        rank_g = a_g.shape[0]
+        rank_g, rank_u = a_g.shape[0], a_u.shape[0]
         needs = ctx.needs_input_grad
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dyb_d = torch.empty_like(ha).addmm_(dy, bb_d, beta=0, alpha=s_d)
         d_bb_d = torch.empty_like(bb_d).addmm_(dy.t(), ha, beta=0, alpha=s_d)
         d_b_d = dy.sum(0) if needs[_MLP_TENSORS + 9] else None
-        dh = dy @ w_d
-        keep_scale = 1.0 / (1.0 - ctx.down_dropout) if keep is not None else 1.0
-        d_gate, d_up, dxa, d_a_d, d_bb_g, d_bb_u = lora_glu_backward(
-            dh, gate, up, xa, bb_g, bb_u, a_d, dyb_d, s_g, s_u, ctx.gelu, keep, keep_scale)
-        del dh
+        if keep is None:  # dh = (s dy B_down) A_down + dy W_down, the base in the epilogue
+            dh, dh_lora, keep_scale = (dyb_d @ a_d).addmm_(dy, w_d), None, 1.0
+        else:  # the rank-r term apart: the kernel applies the mask to it
+            dh, dh_lora, keep_scale = dy @ w_d, dyb_d @ a_d, 1.0 / (1.0 - ctx.down_dropout)
+        d_gate, d_up, h_drop = lora_glu_backward(dh, gate, up, ctx.gelu, dh_lora, keep,
+                                                 keep_scale)
+        del dh_lora
         # gate and up now hold their gradients: a second backward through them must fail.
         torch.autograd.graph.increment_version((gate, up))
-        dxa = dxa.to(gate.dtype)
-        dxa_g, dxa_u = dxa[:, :rank_g], dxa[:, rank_g:]
+        d_a_d = dyb_d.t() @ h_drop  # dA_down = dybᵀ drop(h)
+        del dh, h_drop
+        # s (d gate B_g | d up B_u) into one [N, r_g + r_u] buffer; dB = s d(gate|up)ᵀ xa.
+        dxa = xa.new_empty(xa.shape)
+        dxa_g, dxa_u = dxa.split([rank_g, rank_u], dim=1)
+        dxa_g.addmm_(d_gate, bb_g, beta=0, alpha=s_g)
+        dxa_u.addmm_(d_up, bb_u, beta=0, alpha=s_u)
+        xa_g, xa_u = xa.split([rank_g, rank_u], dim=1)
+        d_bb_g = torch.empty_like(bb_g).addmm_(d_gate.t(), xa_g, beta=0, alpha=s_g)
+        d_bb_u = torch.empty_like(bb_u).addmm_(d_up.t(), xa_u, beta=0, alpha=s_u)
         d_lora_xs: list[torch.Tensor | None] = []
         if ctx.has_lora_x:
             d_a_g, d_a_u = dxa_g.t() @ lora_xs[0], dxa_u.t() @ lora_xs[1]
             d_lora_xs = [dxa_g @ a_g, dxa_u @ a_u]
             dx = d_gate @ w_g if needs[0] else None
         else:
-            d_a_g, d_a_u = (dxa.t() @ lora_xs[0]).split([rank_g, a_u.shape[0]], dim=0)
+            d_a_g, d_a_u = (dxa.t() @ lora_xs[0]).split([rank_g, rank_u], dim=0)
             dx = dxa @ torch.cat([a_g, a_u]) if needs[0] else None
             if dx is not None:
                 dx.addmm_(d_gate, w_g)
@@ -486,10 +362,9 @@ class _LoRAMLP(torch.autograd.Function):
             dx.addmm_(d_up, w_u)
         d_b_g = d_gate.sum(0) if needs[_MLP_TENSORS + 1] else None
         d_b_u = d_up.sum(0) if needs[_MLP_TENSORS + 5] else None
-        cast = gate.dtype
         return (dx, None, None, None, None, None,
-                None, d_b_g, d_a_g, d_bb_g.to(cast), None, d_b_u, d_a_u, d_bb_u.to(cast),
-                None, d_b_d, d_a_d.to(cast), d_bb_d, *d_lora_xs)
+                None, d_b_g, d_a_g, d_bb_g, None, d_b_u, d_a_u, d_bb_u,
+                None, d_b_d, d_a_d, d_bb_d, *d_lora_xs)
 
 
 # ---------------------------------------------------------------- public ops
