@@ -1,7 +1,7 @@
 """Shared by benchmarks/*.py: percentiles, the ratios to the best peer, and the results JSON in
 BENCHMARKS.md's one format. Not runnable; import it after putting benchmarks/ on sys.path.
 
-    from _results import percentile, compare_to_peers, write_results
+    from _results import percentile, compare_to_peers, write_results, package_version
 """
 
 from __future__ import annotations
@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 MINE = "tunegraph"
+
+
+def package_version(distribution: str) -> str | None:
+    """The installed version of `distribution`, or None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def percentile(values: list[float], q: float) -> float:

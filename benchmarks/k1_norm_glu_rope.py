@@ -44,7 +44,7 @@ from tunegraph.kernels.rope import apply_rotary_reference  # noqa: E402
 from tunegraph.kernels.swiglu import glu_reference  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _results import percentile  # noqa: E402
+from _results import package_version, percentile  # noqa: E402
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, EPS = 4096, 32, 8, 128, 1e-6
 DTYPE = torch.bfloat16
@@ -361,7 +361,7 @@ def main() -> None:
         "mem_ratio_vs_best_peer_min": min(r["mem_ratio_vs_best_peer"] for r in mine_rows),
         "peers_measured": providers[:-1], "repeats": options.repeats,
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "liger_kernel": _version("liger-kernel")},
+                     "liger_kernel": package_version("liger-kernel")},
         "notes": notes + ["speedup/mem ratios: best peer's time (lowest peer's peak memory) over "
                           "tunegraph's; top level: geometric means over the workloads"]}
 
@@ -379,15 +379,6 @@ def main() -> None:
           f"{mem_geomean:.3f}x. Command: {command}")
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _version(distribution: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

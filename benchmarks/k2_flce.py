@@ -40,7 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _results import compare_to_peers, timing_fields, write_results  # noqa: E402
+from _results import (  # noqa: E402
+    compare_to_peers,
+    package_version,
+    timing_fields,
+    write_results,
+)
 
 from tunegraph.kernels import fused_linear_cross_entropy as flce  # noqa: E402
 
@@ -251,7 +256,7 @@ def main() -> None:
         peers_measured=peers, repeats=options.repeats,
         logits_never_materialised=not any(r["logits_materialised"] for r in mine),
         versions={"torch": torch.__version__, "triton": triton.__version__,
-                  "liger_kernel": _version("liger-kernel")},
+                  "liger_kernel": package_version("liger-kernel")},
         notes=notes + ["ratios: best peer's median time (lowest peer's peak memory) over "
                        "tunegraph's, > 1 means tunegraph is ahead; top level: geometric means "
                        "over the workloads", "peak_mem_mb: above the inputs, gradients included",
@@ -272,15 +277,6 @@ def main() -> None:
           f"{summary['speedup_vs_best_peer_min']:.3f}x), memory ratio "
           f"{summary['mem_ratio_vs_best_peer']:.3f}x; logits never materialised: "
           f"{not any(r['logits_materialised'] for r in mine)}. Command: {command}")
-
-
-def _version(distribution: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,12 @@ from torch import nn  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _results import compare_to_peers, timing_fields, write_results  # noqa: E402
+from _results import (  # noqa: E402
+    compare_to_peers,
+    package_version,
+    timing_fields,
+    write_results,
+)
 
 from tunegraph.kernels.lora import (  # noqa: E402
     LoRAWeights,
@@ -291,8 +296,8 @@ def main() -> None:
                            summary=summary, peers_measured=PEERS, repeats=repeats, rank=RANK,
                            speedup_vs_peft_eager=vs_eager,
                            pass_line="speedup_vs_peft_eager >= 1.3 (BENCHMARKS.md, K3)",
-                           torch=torch.__version__, peft=_version("peft"),
-                           triton=_version("triton"), transformers=_version("transformers"))
+                           torch=torch.__version__, peft=package_version("peft"),
+                           triton=package_version("triton"), transformers=package_version("transformers"))
     if not dry and not options.no_profile:
         profile(workloads[1], ["peft-eager", "peft-compile", "tunegraph", "base-only"])
     print("\n| workload | provider | median ms | p10-p90 | peak MB | TFLOP/s | err vs fp32 | "
@@ -308,15 +313,6 @@ def main() -> None:
           f"(pass >= 1.3); "
           f"vs best peer {result['speedup_vs_best_peer']:.3f}x; memory vs best peer "
           f"{result['mem_ratio_vs_best_peer']:.3f}x. Command: {command}. Wrote {out}")
-
-
-def _version(distribution: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _results import compare_to_peers, timing_fields, write_results  # noqa: E402
+from _results import (  # noqa: E402
+    compare_to_peers,
+    package_version,
+    timing_fields,
+    write_results,
+)
 
 from tunegraph.kernels.moe import moe_experts, moe_experts_reference  # noqa: E402
 
@@ -351,8 +356,8 @@ def main() -> None:
         liger_autotune=options.liger_autotune,
         pass_line=">= 1.3x hf-grouped_mm and >= 1.1x liger (BENCHMARKS.md, M1)",
         plan_grouped_mm_ms=GROUPED_MM_MS, torch=torch.__version__,
-        triton=_version("triton"), transformers=_version("transformers"),
-        liger_kernel=_version("liger-kernel"))
+        triton=package_version("triton"), transformers=package_version("transformers"),
+        liger_kernel=package_version("liger-kernel"))
     print("\n| workload | provider | median ms | p10-p90 | peak MB | TFLOP/s | err vs fp32 | "
           "vs best peer | vs grouped_mm | vs liger |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -370,15 +375,6 @@ def main() -> None:
           f"{options.liger_autotune}); "
           f"vs best peer {result['speedup_vs_best_peer']:.3f}x; memory vs best peer "
           f"{result['mem_ratio_vs_best_peer']:.3f}x. Command: {command}. Wrote {out}")
-
-
-def _version(distribution: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

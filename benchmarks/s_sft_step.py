@@ -57,7 +57,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _results import compare_to_peers, timing_fields, write_results  # noqa: E402
+from _results import (  # noqa: E402
+    compare_to_peers,
+    package_version,
+    timing_fields,
+    write_results,
+)
 
 LLAMA_32_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -273,7 +278,6 @@ def base_dtype(cfg: dict[str, Any]):
 
 
 def run_hf(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock) -> dict[str, Any]:
-    import torch
     from peft import get_peft_model
     from transformers import (
         AutoModelForCausalLM,
@@ -404,15 +408,8 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "triton", "transformers", "trl", "peft", "accelerate", "liger_kernel"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "absent"
-    return found
+    return {name: package_version(name) or "absent" for name in
+            ("torch", "triton", "transformers", "trl", "peft", "accelerate", "liger_kernel")}
 
 
 # ---------------------------------------------------------------------------------------------
