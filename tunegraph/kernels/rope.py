@@ -76,6 +76,16 @@ def _rotate_token(X, Y, x_sh, y_sh, num_heads, c1, c2, s1, s2, half_dim,
 
 
 @triton.jit
+def _cos_sin_halves(COS, SIN, offsets, mask, half_dim):
+    """The two halves of cos and of sin at `offsets` (the first half's), in fp32."""
+    c1 = tl.load(COS + offsets, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + offsets + half_dim, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + offsets, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + offsets + half_dim, mask=mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
                  q_sb, q_sh, q_st, k_sb, k_sh, k_st, qo_sb, qo_sh, qo_st, ko_sb, ko_sh, ko_st,
                  cos_sb, cos_st, num_q_heads, num_k_heads, half_dim, BACKWARD: tl.constexpr,
@@ -89,12 +99,8 @@ def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
         t = (pid % blocks_per_seq).to(tl.int64)
         dims = tl.arange(0, BLOCK_HALF)[None, :]
         cs_mask = dims < half_dim
-        cos_ptrs = COS + b * cos_sb + t * cos_st + dims
-        sin_ptrs = SIN + b * cos_sb + t * cos_st + dims
-        c1 = tl.load(cos_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin_halves(COS, SIN, b * cos_sb + t * cos_st + dims, cs_mask,
+                                         half_dim)
         _rotate_token(Q + b * q_sb + t * q_st, QO + b * qo_sb + t * qo_st, q_sh, qo_sh,
                       num_q_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_QH, BLOCK_HALF)
         _rotate_token(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh,
@@ -105,12 +111,8 @@ def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
         token_mask = tokens < seq_len
         dims = tl.arange(0, BLOCK_HALF)[None, None, :]
         cs_mask = token_mask & (dims < half_dim)
-        cos_ptrs = COS + b * cos_sb + tokens * cos_st + dims
-        sin_ptrs = SIN + b * cos_sb + tokens * cos_st + dims
-        c1 = tl.load(cos_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptrs, mask=cs_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptrs + half_dim, mask=cs_mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin_halves(COS, SIN, b * cos_sb + tokens * cos_st + dims,
+                                         cs_mask, half_dim)
         _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_st, q_sh, qo_st, qo_sh, tokens,
                       token_mask, num_q_heads, c1, c2, s1, s2, half_dim, BACKWARD, BLOCK_QH,
                       BLOCK_HALF)
