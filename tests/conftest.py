@@ -87,3 +87,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cpu_one_thread(monkeypatch):
+    """Golden losses are CPU fp32 trajectories: hide any GPU (training would pick it, and bf16
+    with it) and use one thread (tiny matmuls gain nothing from two; MKL may split sums by
+    thread count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yield
+    torch.set_num_threads(previous)

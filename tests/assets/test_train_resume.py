@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from dagster import DagsterEventType, DagsterInstance, RetryPolicy, materialize
 from train_support import GOLDEN_DIR, GOLDEN_RTOL, RUNS, make, quickstart_like_rows
 from transformers import TrainerCallback
@@ -28,13 +27,8 @@ SAVE_STEPS = 3
 
 
 @pytest.fixture(autouse=True)
-def cpu_one_thread(monkeypatch):
-    """The golden losses are CPU fp32 on one thread (tests/ops/test_train.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    yield
-    torch.set_num_threads(previous)
+def _golden_conditions(cpu_one_thread):
+    """The golden losses are CPU fp32 on one thread (conftest.cpu_one_thread)."""
 
 
 class FailOnce(TrainerCallback):

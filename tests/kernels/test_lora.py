@@ -576,15 +576,6 @@ def golden(actual: list[float] | None = None) -> list[float]:
     return stored["losses"]
 
 
-@pytest.fixture
-def cpu_one_thread(monkeypatch):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_lora_kernels_follow_golden(prepared, tmp_path, cpu_one_thread):
     off = golden_losses(prepared, tmp_path / "off")
     expected = golden(off)

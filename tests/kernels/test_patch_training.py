@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from train_support import TINY, UPDATE_GOLDEN, prepare_training
 
 from tunegraph.config import Recipe, recipe_from_mapping
@@ -63,16 +62,6 @@ def losses(prepared: dict[str, Any], out: Path, **keys: Any) -> list[float]:
     recipe = make(prepared["folder"], **keys)
     metrics = train(recipe, prepared["base_dir"], prepared["tokenized_dir"], out)
     return [loss for _, loss in metrics["losses"]]
-
-
-@pytest.fixture
-def cpu_one_thread(monkeypatch):
-    """The golden is a CPU fp32 trajectory: hide any GPU, one thread (as tests/ops/test_train)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    yield
-    torch.set_num_threads(previous)
 
 
 def golden(actual: list[float] | None = None) -> list[float]:
