@@ -78,12 +78,9 @@ def quickstart_copy(tmp_path: Path) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`slow` tests first (stable otherwise): on scripts/test.sh's two xdist workers the long
-    end-to-end files then start at once instead of last. `gpu` tests need CUDA: skipped, with
-    the reason, on machines without it."""
+    """`gpu` tests need CUDA: skipped, with the reason, on machines without it."""
     import torch
 
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
