@@ -116,7 +116,9 @@ def test_a_killed_rank_fails_cleanly_and_a_relaunch_resumes(prepared, tmp_path):
     thread.start()
     pid_file = tmp_path / LAUNCH_DIR / "pids" / "rank-1"
     deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoints" / "checkpoint-5").is_dir():
+    # A complete checkpoint (trainer_state.json is written last): a kill during its writing would
+    # leave nothing to resume from (under load, saving takes long enough for that).
+    while not (tmp_path / "checkpoints" / "checkpoint-5" / "trainer_state.json").is_file():
         assert thread.is_alive() and time.monotonic() < deadline, outcome
         time.sleep(0.05)
     pids = {int(p.name.split("-")[1]): int(p.read_text())
@@ -132,7 +134,8 @@ def test_a_killed_rank_fails_cleanly_and_a_relaunch_resumes(prepared, tmp_path):
     assert outcome["error"].exception_type is None
     assert not any(_alive(pid) for pid in pids.values()), "a rank outlived the failed launch"
 
-    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    saved = sorted(int(p.parent.name.split("-")[1])
+                   for p in (tmp_path / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     resumed = launch(prepared, tmp_path, **keys, micro_batch_size=2)
     assert resumed["resumed_from_step"] == saved[-1] < 60
     reference = train(make(prepared["folder"], **keys), prepared["base_dir"],
