@@ -2,10 +2,14 @@
 # Issue 5's GPU work in one device call on two GPUs (nvidia-h200-x2), each GPU a lane of its own:
 #   lane 0: the kernel tests (-m gpu), then K3, K2, K1 (+ its profile)
 #   lane 1: M1, then S1
-# and, as a second call (`s2`), S2 alone. Logs and result JSONs go to $OUT; copy the JSONs to
-# benchmarks/results/ afterwards. Run from the repo root after the wheel install (GPU.md):
+# and, as a second call (`s2`), S2 alone. `profile` is the one-step-profile session: lane 0 S2
+# with --profile, then K1 (+ its profile) and M1 at 32768 tokens; lane 1 S1 with --profile, then
+# the kernel tests. Logs and result JSONs go to $OUT, and all of it into $OUT/session.tgz (the
+# device tool brings back only a few files); copy the JSONs to benchmarks/results/ afterwards.
+# Run from the repo root after the wheel install (GPU.md):
 #   bash benchmarks/gpu_session.sh          # ~9 min
 #   bash benchmarks/gpu_session.sh s2       # ~5 min
+#   bash benchmarks/gpu_session.sh profile  # ~8 min
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -36,9 +40,27 @@ lane1() {
   step S1 240 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 200
 }
 
+profile_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step S2 330 python3 benchmarks/s_sft_step.py s2 --profile --out "$OUT/S2.json" --timeout 240
+  step K1 70 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
+  step K1_profile 35 python3 benchmarks/k1_norm_glu_rope.py --profile
+  step M1_32k 120 python3 benchmarks/m1_moe.py --tokens 32768 --repeats 2 --out "$OUT/M1_32k.json"
+}
+
+profile_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 300 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1.json" --timeout 200
+  step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels -m gpu
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
+elif [ "${1:-}" = profile ]; then
+  profile_lane0 &
+  profile_lane1 &
+  wait
 else
   python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'
   lane0 &
@@ -46,3 +68,5 @@ else
   wait
 fi
 cat "$OUT/steps.txt"
+# One archive of everything (logs, JSONs): the device tool returns a handful of files.
+tar -czf /tmp/session.tgz -C "$OUT" . && mv /tmp/session.tgz "$OUT/session.tgz"

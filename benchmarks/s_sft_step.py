@@ -57,6 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _profile import StepProfiler, format_summary  # noqa: E402
 from _results import (  # noqa: E402
     compare_to_peers,
     package_version,
@@ -97,16 +98,20 @@ MEASURED_TFLOPS = 790.0
 # Passes that BENCHMARKS.md sets: (speedup vs hf, vs best peer, memory ratio, MFU vs 989).
 PASS = {"S1": (1.3, 1.05, 1.0, 0.45), "S2": (None, 1.05, 1.0, 0.40)}
 NUM_LOSSES = 5  # first logged losses kept per provider
+PROFILE_STEPS = 2  # --profile: steps profiled after the timed ones (not timed themselves)
 
 
-def settings(bench: str, dry_run: bool, steps: int, warmup: int) -> dict[str, Any]:
+def settings(bench: str, dry_run: bool, steps: int, warmup: int, profile: bool = False
+             ) -> dict[str, Any]:
     spec = BENCHES[bench]
     shape = dict(spec["shape"])
     if dry_run:  # the plumbing on a CPU: tiny model, fp32, short rows
         shape = {**TINY, "tie_word_embeddings": shape["tie_word_embeddings"]}
     return {**spec, "bench": bench, "shape": shape, "dry_run": dry_run,
             "sequence_len": 128 if dry_run else 4096, "steps": steps, "warmup": warmup,
-            "bf16": not dry_run}
+            "bf16": not dry_run, "profile_steps": PROFILE_STEPS if profile else 0,
+            # optimizer steps run (and rows made): the timed ones, then the profiled ones
+            "train_steps": steps + (PROFILE_STEPS if profile else 0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ def prepare(work: Path, cfg: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(SEED)
     ranks = torch.randperm(vocab - first_id, generator=generator)
     probs = 1.0 / (ranks.double() + 1.0)
-    num_rows, length = cfg["steps"], cfg["sequence_len"]
+    num_rows, length = cfg["train_steps"], cfg["sequence_len"]
     ids = torch.multinomial(probs, num_rows * length, replacement=True, generator=generator)
     rows = (ids + first_id).view(num_rows, length).tolist()
     tokenized = work / "tokenized"
@@ -174,7 +179,7 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool)
               # Not read: train() gets the tokenized rows (what the tokenized asset holds).
               "datasets": [{"path": "data.jsonl", "type": "completion"}],
               "sequence_len": cfg["sequence_len"], "micro_batch_size": 1,
-              "gradient_accumulation_steps": 1, "max_steps": cfg["steps"],
+              "gradient_accumulation_steps": 1, "max_steps": cfg["train_steps"],
               "learning_rate": cfg["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
               "optimizer": "adamw_torch_fused", "weight_decay": 0.0, "max_grad_norm": 1.0,
               "bf16": cfg["bf16"], "attn_implementation": "sdpa", "gradient_checkpointing": False,
@@ -191,7 +196,7 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool)
 
 
 def prepared_key(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: cfg[k] for k in ("shape", "lora", "lr", "sequence_len", "steps", "bf16")}
+    return {k: cfg[k] for k in ("shape", "lora", "lr", "sequence_len", "train_steps", "bf16")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +207,17 @@ class StepClock:
     """The host time of each logged step, after a device sync; first mark per step wins (the
     Trainer logs once more, with the same global step, when training ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_after: int | None = None, profile_steps: int = 0,
+                 trace_path: Path | None = None) -> None:
         import torch
 
         self.cuda = torch.cuda.is_available()
         self.marks: dict[int, float] = {}
+        # --profile: torch.profiler from the mark of step `profile_after` to that of
+        # `profile_after + profile_steps` (after the timed steps, so it times none of them).
+        self.profile_after, self.profile_steps = profile_after, profile_steps
+        self.profiler = StepProfiler(trace_path) if trace_path is not None else None
+        self.profile: dict[str, Any] | None = None
 
     def mark(self, step: int) -> None:
         if step in self.marks:
@@ -216,6 +227,11 @@ class StepClock:
 
             torch.cuda.synchronize()
         self.marks[step] = time.perf_counter()
+        if self.profiler is not None and self.profile_after is not None:
+            if step == self.profile_after:
+                self.profiler.start()
+            elif step == self.profile_after + self.profile_steps:
+                self.profile = self.profiler.stop(self.profile_steps)
 
     def progress(self, stage: str, step: int, total: int) -> None:  # tunegraph's hook
         if stage == "train":
@@ -244,7 +260,7 @@ def training_arguments(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     import torch
 
     return {"output_dir": str(out_dir / "checkpoints"), "per_device_train_batch_size": 1,
-            "gradient_accumulation_steps": 1, "max_steps": cfg["steps"],
+            "gradient_accumulation_steps": 1, "max_steps": cfg["train_steps"],
             "learning_rate": cfg["lr"], "lr_scheduler_type": "constant", "warmup_steps": 0,
             "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch_fused",
             "bf16": cfg["bf16"], "fp16": False, "gradient_checkpointing": False,
@@ -385,7 +401,10 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
     import torch
 
     out_dir = work / f"out-{provider}"
-    clock = StepClock()
+    profiled = cfg.get("profile_steps", 0) > 0
+    clock = StepClock(profile_after=cfg["steps"] if profiled else None,
+                      profile_steps=cfg.get("profile_steps", 0),
+                      trace_path=work / f"profile-{provider}" if profiled else None)
     started = time.perf_counter()
     if provider == "hf":
         result = run_hf(cfg, work, out_dir, clock)
@@ -401,7 +420,7 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
         "grad_norms": [h["grad_norm"] for h in history if "grad_norm" in h],
         "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if cuda else None,
-        "process_s": round(time.perf_counter() - started, 1),
+        "process_s": round(time.perf_counter() - started, 1), "profile": clock.profile,
         "device": torch.cuda.get_device_name(0) if cuda else "CPU (dry run)",
         "versions": _versions(), **result}
     out.write_text(json.dumps(record, indent=2))
@@ -430,8 +449,14 @@ def _subprocess(args: list[str], log: Path, timeout: int) -> tuple[int, str]:
     return code, tail
 
 
+def timed_step_s(record: dict[str, Any], cfg: dict[str, Any]) -> list[float]:
+    """The timed steps' seconds: after the warm-up, before any profiled step (step_s[i] is
+    step i + 2's)."""
+    return record["step_s"][cfg["warmup"] - 1:cfg["steps"] - 1]
+
+
 def row_for(record: dict[str, Any], cfg: dict[str, Any], num_parameters: int) -> dict[str, Any]:
-    timed_ms = [s * 1000 for s in record["step_s"][cfg["warmup"] - 1:]]
+    timed_ms = [s * 1000 for s in record.get("timed_s", timed_step_s(record, cfg))]
     timing = timing_fields(timed_ms, digits=2)
     tokens_per_s = cfg["sequence_len"] / (timing["median_ms"] / 1000)
     tflops = cfg["flops_per_param"] * num_parameters * tokens_per_s / 1e12
@@ -447,11 +472,18 @@ def row_for(record: dict[str, Any], cfg: dict[str, Any], num_parameters: int) ->
             "first_grad_norms": [round(x, 4) for x in record["grad_norms"][:3]],
             "trainable_parameters": record["trainable_parameters"],
             "kernels_patched": record.get("kernels_patched"), "process_s": record["process_s"],
-            "step_ms_all": [round(s * 1000, 2) for s in record["step_s"]]}
+            "step_ms_all": [round(s * 1000, 2) for s in record["step_s"]],
+            "profile": _without_table(record.get("profile"))}
+
+
+def _without_table(profile: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The profile summary for the results JSON (the host-side table stays in the log)."""
+    return None if profile is None else {k: v for k, v in profile.items()
+                                         if k != "host_ops_by_self_cpu"}
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    cfg = settings(args.bench, args.dry_run, args.steps, args.warmup)
+    cfg = settings(args.bench, args.dry_run, args.steps, args.warmup, args.profile)
     work = args.work / args.bench
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / "settings.json"
@@ -493,15 +525,19 @@ def run_bench(args: argparse.Namespace) -> int:
                       f"\n{tail}", flush=True)
                 continue
             record = json.loads(result.read_text())
+            record["timed_s"] = timed_step_s(record, cfg)
+            print(f"  {provider}: {time.perf_counter() - t0:.1f}s, median step "
+                  f"{statistics.median(record['timed_s']) * 1000:.1f} ms, "
+                  f"losses {[round(x, 3) for x in record['losses'][:4]]}", flush=True)
+            if record.get("profile"):
+                print(format_summary(f"  profile {provider}", record["profile"]), flush=True)
+                print(record["profile"]["host_ops_by_self_cpu"], flush=True)
             if provider in records:  # repeats: pool the steps (each run drops its own warm-up)
                 kept = records[provider]
-                kept["step_s"] += record["step_s"][args.warmup - 1:]
+                kept["timed_s"] += record["timed_s"]
                 kept["peak_mem_mb"] = max(kept["peak_mem_mb"] or 0, record["peak_mem_mb"] or 0)
             else:
                 records[provider] = record
-            print(f"  {provider}: {time.perf_counter() - t0:.1f}s, median step "
-                  f"{statistics.median(record['step_s'][args.warmup - 1:]) * 1000:.1f} ms, "
-                  f"losses {[round(x, 3) for x in record['losses'][:4]]}", flush=True)
             _remove_tree(work / f"out-{provider}")  # a full fine-tune's saved model: GBs
 
     rows = [row_for(records[p], cfg, info["num_parameters"]) for p in providers if p in records]
@@ -526,7 +562,8 @@ def run_bench(args: argparse.Namespace) -> int:
     extra = {"model": f"{cfg['workload']}: {info['num_parameters'] / 1e9:.3f}B parameters, "
                       f"random init, shape {cfg['shape']}",
              "settings": {k: cfg[k] for k in ("sequence_len", "steps", "warmup", "lr", "bf16",
-                                               "dry_run")} | {"repeats": args.repeats},
+                                               "dry_run", "profile_steps")}
+             | {"repeats": args.repeats},
              "precision": ("fp32 (CPU dry run)" if not cfg["bf16"] else
                            "bf16 autocast over a bf16 frozen base, fp32 adapters (Trainer "
                            "bf16=True), every provider" if cfg["lora"] else
@@ -611,6 +648,10 @@ def main() -> None:
                         help="run the providers this many times, interleaved; steps pooled")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per subprocess")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, fp32, on the CPU")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"after the timed steps, run {PROFILE_STEPS} more under "
+                             f"torch.profiler: GPU busy/idle, kernel families, top kernels "
+                             f"(printed, and under 'profile' in the JSON; traces in WORK)")
     args = parser.parse_args()
     args.steps = args.steps or (6 if args.dry_run else 18)
     if args.dry_run:

@@ -155,6 +155,28 @@ def test_matches_float64_cross_entropy(dtype, reduction, option):
 
 
 @requires_kernels
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weight_grad", ["per chunk", "in vocabulary slices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_grad_per_chunk_and_in_slices(dtype, weight_grad, reduction, monkeypatch):
+    """grad_weight both ways: added chunk by chunk, or in vocabulary slices after the chunk loop
+    (what chunks under _SLICED_WEIGHT_GRAD_BELOW tokens get; the other tests' 8-token chunks do).
+    Two slices of 256 columns and one of 125, each with the bias, smoothing and z-loss terms;
+    per-token losses take the recompute path, whose slices alone give grad_weight."""
+    calls = []
+    monkeypatch.setattr(flce, "_SLICED_WEIGHT_GRAD_BELOW",
+                        0 if weight_grad == "per chunk" else flce._SLICED_WEIGHT_GRAD_BELOW)
+    original = flce._sliced_weight_grad
+    monkeypatch.setattr(flce, "_sliced_weight_grad",
+                        lambda *args: calls.append(args[-3].shape) or original(*args))
+    hidden, weight, bias, labels = make_inputs(37, 61, 637, dtype, bias=True)
+    check_against_float64(fused_linear_cross_entropy, hidden, weight, bias, labels,
+                          *TOLERANCES[dtype], reduction=reduction, chunk_tokens=16,
+                          label_smoothing=0.1, z_loss_weight=1e-2)
+    assert len(calls) == (0 if weight_grad == "per chunk" else 1)
+
+
+@requires_kernels
 @pytest.mark.parametrize("shape", [(1, 7, 3), (67, 13, 1031), (130, 64, 257), (5, 16, 8200)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

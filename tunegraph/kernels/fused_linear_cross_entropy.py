@@ -63,6 +63,15 @@ _MAX_BLOCK_V = 8192
 # Fewest tokens per chunk: fewer rows than a tensor-core tile (64-128 on Hopper) waste most of
 # each product; the buffer is then at most 128 x V (33 MB at V = 128256) however small hidden is.
 _MIN_CHUNK_TOKENS = 128
+# Chunks of fewer tokens than this get grad_weight in vocabulary slices after the chunk loop
+# rather than added chunk by chunk. Each chunk's grad_weight += dlogits^T @ hidden re-reads and
+# re-writes all of grad_weight (V·H·2 bytes) for 2·C·H·V FLOPs: C/2 FLOP per byte, under the
+# H200's 184 (790 TFLOP/s over 4.3 TB/s) below ~370 tokens. The S1 profile (2026-11-30,
+# 4096 tokens, H 2048, V 128256: 32 chunks of 128) spent 12.4 ms of a 109 ms step in those 31
+# additions, for 2.1 TFLOP (2.7 ms at 790). The slices cost a fourth N·H·V product (their logits
+# again) and no read-modify-write: each slice's grad_weight rows are one product over all N
+# tokens, written once (and rounded once, from fp32).
+_SLICED_WEIGHT_GRAD_BELOW = 512
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,20 +115,22 @@ if HAS_TRITON:
         return z
 
     @triton.jit
-    def _write_dlogits(row_ptrs, row_mask, bias_ptr, V, targets, valid, lse, scale,
+    def _write_dlogits(row_ptrs, row_mask, bias_ptr, V, num_cols, targets, valid, lse, scale,
                        label_smoothing, z_loss_weight, logit_scale, softcap,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """Overwrite the rows' logits with scale · d loss / d x (x: the product's output).
 
         d loss / d z_v = p_v (1 + 2 λ lse) - ε/V - (1 - ε)[v = target], then through the
         softcap (1 - (z/cap)²) and the logit scale. Rows with ignored labels get zeros, which the
-        two gradient products then read as "no contribution". Shapes: [BLOCK_N, 1] but cols."""
+        two gradient products then read as "no contribution". The rows hold `num_cols` columns of
+        the V (all V, or a vocabulary slice, whose first column `targets` are then relative
+        to). Shapes: [BLOCK_N, 1] but cols."""
         coef = 1.0 + 2.0 * z_loss_weight * lse
         smooth = label_smoothing / V
         scale = tl.where(valid, scale * logit_scale, 0.0)
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, num_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)[None, :]
-            mask = row_mask & (cols < V)
+            mask = row_mask & (cols < num_cols)
             z = _load_logits(row_ptrs, bias_ptr, cols, mask, logit_scale, softcap,
                              HAS_BIAS, HAS_SOFTCAP)
             grad = tl.exp(z - lse) * coef - smooth - tl.where(cols == targets, 1.0 - label_smoothing, 0.0)
@@ -181,24 +192,27 @@ if HAS_TRITON:
         if WRITE_GRAD:
             scale = tl.load(scale_ptr + rows[:, None] * scale_stride, mask=row_mask[:, None],
                             other=0.0).to(tl.float32)
-            _write_dlogits(row_ptrs, row_mask[:, None], bias_ptr, V, targets, valid, lse, scale,
+            _write_dlogits(row_ptrs, row_mask[:, None], bias_ptr, V, V, targets, valid, lse, scale,
                            label_smoothing, z_loss_weight, logit_scale, softcap, HAS_BIAS,
                            HAS_SOFTCAP, BLOCK_V)
 
     @triton.jit
     def _flce_bwd_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, grad_ptr,
-                         grad_stride, num_rows, V, ignore_index, label_smoothing, z_loss_weight,
-                         logit_scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         grad_stride, num_rows, V, num_cols, col_start, ignore_index,
+                         label_smoothing, z_loss_weight, logit_scale, softcap,
+                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Recompute path: each row's lse is known from the forward; write grad[row] · dloss/dx."""
+        """Each row's lse is known (from the forward, or from pass 1 of the vocabulary-sliced
+        weight gradient): write grad[row] · dloss/dx over the rows' `num_cols` logits, which
+        are the vocabulary's columns col_start ... col_start + num_cols - 1."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = (rows < num_rows)[:, None]
         targets, valid = _load_targets(labels_ptr, rows, rows < num_rows, ignore_index)
         lse = tl.load(lse_ptr + rows[:, None], mask=row_mask, other=0.0)
         scale = tl.load(grad_ptr + rows[:, None] * grad_stride, mask=row_mask, other=0.0)
-        _write_dlogits(logits_ptr + rows[:, None] * stride_row, row_mask, bias_ptr, V, targets,
-                       valid, lse, scale.to(tl.float32), label_smoothing, z_loss_weight,
-                       logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
+        _write_dlogits(logits_ptr + rows[:, None] * stride_row, row_mask, bias_ptr, V, num_cols,
+                       targets - col_start, valid, lse, scale.to(tl.float32), label_smoothing,
+                       z_loss_weight, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +226,29 @@ def _chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int, chunk_toke
     ratio = -(-vocab_size // hidden_size)
     chunk = 1 << max(0, (-(-num_tokens // ratio) - 1).bit_length())
     return max(1, min(num_tokens, max(chunk, _MIN_CHUNK_TOKENS)))
+
+
+def _sliced_weight_grad(hidden, weight, bias, labels, lse_N, grad_scale, scale_stride, buffer,
+                        grad_weight, common) -> None:
+    """grad_weight in vocabulary slices of ~buffer.numel() / N columns, the lse known: each
+    slice's logits [N, w] again (in `buffer`'s memory when it fits), d loss / d logits in
+    place, then grad_weight[slice] = dlogits^T @ hidden in one product."""
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    width = max(128, buffer.numel() // num_tokens // 128 * 128)
+    if num_tokens * width > buffer.numel():  # very many tokens: a buffer of 128 columns
+        buffer = hidden.new_empty(num_tokens, width)
+    buffer = buffer.view(-1)
+    config = _row_kernel_config(width)
+    grid = (triton.cdiv(num_tokens, config["BLOCK_N"]),)
+    for start in range(0, vocab_size, width):
+        end = min(start + width, vocab_size)
+        logits = buffer[: num_tokens * (end - start)].view(num_tokens, end - start)
+        torch.mm(hidden, weight[start:end].t(), out=logits)
+        _flce_bwd_kernel[grid](logits, logits.stride(0),
+                               bias[start:end] if bias is not None else logits, labels, lse_N,
+                               grad_scale, scale_stride, num_tokens, vocab_size, end - start,
+                               start, **common, **config)
+        torch.mm(logits.t(), hidden, out=grad_weight[start:end])
 
 
 def _row_kernel_config(vocab_size: int) -> dict[str, int]:
@@ -249,34 +286,39 @@ def _flce_chunked(hidden, weight, bias, labels, *, ignore_index, label_smoothing
         scale_stride = grad_scale.stride(0) if grad_scale.dim() else 0
 
     chunk = _chunk_tokens(num_tokens, hidden.shape[1], vocab_size, chunk_tokens)
+    sliced = need_grad_weight and chunk < min(num_tokens, _SLICED_WEIGHT_GRAD_BELOW)
+    # The chunk loop writes d loss / d logits when a gradient comes from it: grad_hidden,
+    # grad_bias, and grad_weight unless the slices after it compute that one.
+    chunk_grads = need_grad_hidden or need_grad_bias or (need_grad_weight and not sliced)
     config = _row_kernel_config(vocab_size)
     logits_buffer = hidden.new_empty(chunk, vocab_size) if num_tokens else None
     bias_arg = bias if bias is not None else logits_buffer  # never read without HAS_BIAS
-    common = dict(V=vocab_size, ignore_index=ignore_index, label_smoothing=label_smoothing,
+    common = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                   z_loss_weight=z_loss_weight, logit_scale=logit_scale, softcap=softcap or 1.0,
-                  HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(softcap), **config)
-    for index, start in enumerate(range(0, num_tokens, chunk)):
+                  HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(softcap))
+    for index, start in enumerate(range(0, num_tokens, chunk) if compute_stats or chunk_grads
+                                  else ()):
         end = min(start + chunk, num_tokens)
         hidden_chunk = hidden[start:end]
         logits = logits_buffer[: end - start]
         torch.mm(hidden_chunk, weight.t(), out=logits)
         grid = (triton.cdiv(end - start, config["BLOCK_N"]),)
-        scale_arg = (lse_N if not write_grad  # a dummy: the kernel reads no scale then
+        scale_arg = (lse_N if not chunk_grads  # a dummy: the kernel reads no scale then
                      else grad_scale[start:end] if scale_stride else grad_scale)
         if compute_stats:
             _flce_fwd_kernel[grid](
                 logits, logits.stride(0), bias_arg, labels[start:end], loss_N[start:end],
-                lse_N[start:end], scale_arg, scale_stride, end - start,
-                HAS_SMOOTHING=label_smoothing > 0.0, WRITE_GRAD=write_grad, **common)
+                lse_N[start:end], scale_arg, scale_stride, end - start, V=vocab_size,
+                HAS_SMOOTHING=label_smoothing > 0.0, WRITE_GRAD=chunk_grads, **common, **config)
         else:
             _flce_bwd_kernel[grid](logits, logits.stride(0), bias_arg, labels[start:end],
                                    lse_N[start:end], scale_arg, scale_stride, end - start,
-                                   **common)
-        if not write_grad:
+                                   vocab_size, vocab_size, 0, **common, **config)
+        if not chunk_grads:
             continue
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[start:end])
-        if need_grad_weight:
+        if need_grad_weight and not sliced:
             # One rounding of grad_weight per chunk: cuBLAS adds in fp32, then stores its dtype.
             if index == 0:
                 torch.mm(logits.t(), hidden_chunk, out=grad_weight)
@@ -284,6 +326,9 @@ def _flce_chunked(hidden, weight, bias, labels, *, ignore_index, label_smoothing
                 grad_weight.addmm_(logits.t(), hidden_chunk)
         if need_grad_bias:
             grad_bias_fp32 += logits.sum(0, dtype=torch.float32)
+    if sliced:
+        _sliced_weight_grad(hidden, weight, bias, labels, lse_N, grad_scale, scale_stride,
+                            logits_buffer, grad_weight, common)
     grad_bias = grad_bias_fp32.to(bias.dtype) if need_grad_bias else hidden.new_empty(0)
     if loss_N is None:
         loss_N = hidden.new_empty(0, dtype=torch.float32)
