@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh          # ~9 min
 #   bash benchmarks/gpu_session.sh s2       # ~5 min
 #   bash benchmarks/gpu_session.sh profile  # ~8 min
+#   bash benchmarks/gpu_session.sh flce     # ~8 min: gpu tests + K2 | S1 (+ tunegraph-chunk1024)
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -54,12 +55,28 @@ profile_lane1() {
   step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels -m gpu
 }
 
+flce_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/ops/test_train_progress.py -m gpu
+  step K2 150 python3 benchmarks/k2_flce.py --out "$OUT/K2.json"
+}
+
+flce_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 330 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1.json" --timeout 200 \
+    --providers hf,trl,trl-liger,tunegraph,tunegraph-chunk1024
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
 elif [ "${1:-}" = profile ]; then
   profile_lane0 &
   profile_lane1 &
+  wait
+elif [ "${1:-}" = flce ]; then
+  flce_lane0 &
+  flce_lane1 &
   wait
 else
   python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'

@@ -19,7 +19,9 @@ Providers, each in its own subprocess (Liger patches globally; the peak memory i
   recipe file (WORK/<bench>/tunegraph.yaml), as the training asset calls it: liger_rms_norm,
   liger_glu_activation, liger_rope, liger_fused_linear_cross_entropy on, and for S2
   lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel. Its trained model is saved after the timed
-  steps, as the asset does (not timed). `--providers ...,tunegraph-nolora` adds, for S2, the
+  steps, as the asset does (not timed). `--providers ...,tunegraph-chunk1024` adds tunegraph
+  with the fused loss's chunks at 1024 tokens or more (its default rule gives 128 at 4096
+  tokens; a diagnostic of the memory/time trade). `--providers ...,tunegraph-nolora` adds, for S2, the
   same recipe without the lora_*_kernel keys (a diagnostic row, not compared).
 Shared by all: the same rows (WORK/<bench>/tokenized/train.parquet: one 4096-token sequence per
 row, token ids drawn from a Zipf law over the vocabulary so the loss moves, labels = input_ids,
@@ -88,7 +90,7 @@ BENCHES = {
 PEERS = ["hf", "trl", "trl-liger"]
 # tunegraph-nolora (S2, on request): tunegraph without the lora_*_kernel keys, to show what
 # they add; neither a peer nor the tunegraph row.
-PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora"]
+PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -341,7 +343,12 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
     from tunegraph.config import load_recipe
     from tunegraph.ops.train import train
 
-    recipe = load_recipe(write_recipe(work, cfg, name, lora_kernels=name == "tunegraph"))
+    if name == "tunegraph-chunk1024":
+        import tunegraph.kernels.fused_linear_cross_entropy as flce
+
+        flce._MIN_CHUNK_TOKENS = 1024
+    recipe = load_recipe(write_recipe(work, cfg, name,
+                                      lora_kernels=name in ("tunegraph", "tunegraph-chunk1024")))
     lora_on = recipe.kernel_options().lora_on
     functions = {"apply_kernels": kernels.apply_kernels}
     if lora_on:

@@ -65,13 +65,16 @@ _MAX_BLOCK_V = 8192
 _MIN_CHUNK_TOKENS = 128
 # Chunks of fewer tokens than this get grad_weight in vocabulary slices after the chunk loop
 # rather than added chunk by chunk. Each chunk's grad_weight += dlogits^T @ hidden re-reads and
-# re-writes all of grad_weight (V·H·2 bytes) for 2·C·H·V FLOPs: C/2 FLOP per byte, under the
-# H200's 184 (790 TFLOP/s over 4.3 TB/s) below ~370 tokens. The S1 profile (2026-11-30,
-# 4096 tokens, H 2048, V 128256: 32 chunks of 128) spent 12.4 ms of a 109 ms step in those 31
-# additions, for 2.1 TFLOP (2.7 ms at 790). The slices cost a fourth N·H·V product (their logits
-# again) and no read-modify-write: each slice's grad_weight rows are one product over all N
-# tokens, written once (and rounded once, from fp32).
-_SLICED_WEIGHT_GRAD_BELOW = 512
+# re-writes all of grad_weight (4·V·H bytes in bf16) for 2·C·H·V FLOPs; the slices instead
+# recompute their logits (a fourth N·H·V product, 2·C·H·V per chunk's worth) and write each row
+# of grad_weight once, from one fp32 product over all N tokens. Slices win when the read-modify-
+# write outlasts the extra product: 4·V·H / bandwidth > 2·C·H·V / FLOP rate, i.e. C below
+# rate / (2 · bandwidth) ≈ 92 tokens at the H200's nominal 790 TFLOP/s and 4.3 TB/s. Measured on
+# an H200 (2026-11-30), the small-K products fall further short of those rates and the line
+# sits between 128 and 256: S1's 128-token chunks (4096 tokens, H 2048, V 128256) took 12.4 ms
+# of a 109 ms step in 31 additions at 168 TFLOP/s, and slices cut the step to 101 ms; K2b's
+# 256-token chunks (16384 tokens, H 2304, V 256000) ran 134 ms added per chunk, 139 ms sliced.
+_SLICED_WEIGHT_GRAD_BELOW = 256
 
 
 # ----------------------------------------------------------------------------------------------

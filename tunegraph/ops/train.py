@@ -151,32 +151,55 @@ def training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, tokenized_
 
 class ProgressCallback(TrainerCallback):
     """Reports each logged step to `progress`, keeps the loss trajectory, and times optimizer
-    steps (forward, backward and update; checkpoint saving and evaluation happen outside them)."""
+    steps (forward, backward and update; checkpoint saving and evaluation happen outside them).
+
+    On a GPU the step times come from CUDA events recorded at each step's start and end, read
+    when the Trainer next waits for the GPU anyway (its logging) or at the end: a host sync at
+    every step boundary would leave the GPU idle while the host prepares the next step (the S1
+    profile, benchmarks/NOTES.md)."""
 
     def __init__(self, progress: Progress | None):
         self.progress = progress
         self.history: list[dict[str, float]] = []
-        self.step_seconds: list[float] = []
-        self._step_start = 0.0
+        self._seconds: list[float] = []
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._step_start: float | torch.cuda.Event = 0.0
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # GPU work is asynchronous: time what it did, not queued
+    @staticmethod
+    def _mark() -> float | torch.cuda.Event:
+        if not torch.cuda.is_available():
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001 (HF signature)
-        self._sync()
-        self._step_start = time.perf_counter()
+        self._step_start = self._mark()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 (HF signature)
-        self._sync()
-        self.step_seconds.append(time.perf_counter() - self._step_start)
+        end = self._mark()
+        if isinstance(end, float):
+            self._seconds.append(end - self._step_start)
+        else:
+            self._pending.append((self._step_start, end))
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Seconds of each optimizer step so far (waits for the GPU to reach the last one)."""
+        for start, end in self._pending:
+            end.synchronize()
+            self._seconds.append(start.elapsed_time(end) / 1000)
+        self._pending.clear()
+        return self._seconds
 
     def median_step_s(self, warmup: int = 3) -> float | None:
         """The median optimizer step time after `warmup` steps (compilation, allocator growth)."""
-        timed = self.step_seconds[warmup:] or self.step_seconds
+        seconds = self.step_seconds
+        timed = seconds[warmup:] or seconds
         return statistics.median(timed) if timed else None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (HF signature)
+        self.step_seconds  # noqa: B018 (the Trainer has synced for the loss: read the events)
         if logs:
             self.history.append({"step": state.global_step, **logs})
         if self.progress:
