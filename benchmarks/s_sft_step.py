@@ -90,7 +90,11 @@ BENCHES = {
 PEERS = ["hf", "trl", "trl-liger"]
 # tunegraph-nolora (S2, on request): tunegraph without the lora_*_kernel keys, to show what
 # they add; neither a peer nor the tunegraph row.
-PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024"]
+# tunegraph-compile and trl-liger-compile (on request): the same with torch_compile: true (the
+# recipe key; TrainingArguments' torch_compile for TRL), side by side: diagnostic rows.
+# tunegraph-compile leaves the fused loss off (the recipe refuses it with torch_compile).
+PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
+                     "trl-liger-compile"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -173,7 +177,8 @@ def prepare(work: Path, cfg: dict[str, Any]) -> None:
           f"tokens, {time.perf_counter() - started:.1f}s")
 
 
-def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool) -> Path:
+def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
+                 compile_model: bool = False) -> Path:
     """tunegraph's recipe for this benchmark: the shared settings in its keys, kernels on."""
     import yaml
 
@@ -187,6 +192,8 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool)
               "bf16": cfg["bf16"], "attn_implementation": "sdpa", "gradient_checkpointing": False,
               "val_set_size": 0, "logging_steps": 1, "seed": SEED,
               **{key: True for key in KERNEL_KEYS}}
+    if compile_model:
+        recipe.update(torch_compile=True, liger_fused_linear_cross_entropy=False)
     if cfg["lora"]:
         recipe.update(adapter="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                       lora_dropout=0.0, lora_target_linear=True)
@@ -318,12 +325,12 @@ def run_hf(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock) -> 
 
 
 def run_trl(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClock,
-            liger: bool) -> dict[str, Any]:
+            liger: bool, compile_model: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**training_arguments(cfg, out_dir), max_length=cfg["sequence_len"],
-                     packing=False, use_liger_kernel=liger,
+                     packing=False, use_liger_kernel=liger, torch_compile=compile_model,
                      model_init_kwargs={"dtype": str(base_dtype(cfg)).removeprefix("torch."),
                                         "attn_implementation": "sdpa"})
     # The model as a path: TRL's own loading (device_map auto) and PEFT wrapping.
@@ -347,8 +354,9 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
         import tunegraph.kernels.fused_linear_cross_entropy as flce
 
         flce._MIN_CHUNK_TOKENS = 1024
-    recipe = load_recipe(write_recipe(work, cfg, name,
-                                      lora_kernels=name in ("tunegraph", "tunegraph-chunk1024")))
+    recipe = load_recipe(write_recipe(
+        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024"),
+        compile_model=name == "tunegraph-compile"))
     lora_on = recipe.kernel_options().lora_on
     functions = {"apply_kernels": kernels.apply_kernels}
     if lora_on:
@@ -415,8 +423,9 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
     started = time.perf_counter()
     if provider == "hf":
         result = run_hf(cfg, work, out_dir, clock)
-    elif provider in ("trl", "trl-liger"):
-        result = run_trl(cfg, work, out_dir, clock, liger=provider == "trl-liger")
+    elif provider in ("trl", "trl-liger", "trl-liger-compile"):
+        result = run_trl(cfg, work, out_dir, clock, liger=provider != "trl",
+                         compile_model=provider == "trl-liger-compile")
     else:
         result = run_tunegraph(cfg, work, out_dir, clock, provider)
     cuda = torch.cuda.is_available()
@@ -516,7 +525,7 @@ def run_bench(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     for repeat in range(args.repeats):
         for provider in providers:
-            if provider == "trl-liger" and args.dry_run:
+            if provider.startswith("trl-liger") and args.dry_run:
                 skipped[provider] = "Liger's kernels need CUDA (Triton): skipped in the CPU dry run"
                 continue
             if provider in errors:
