@@ -67,13 +67,13 @@ _MIN_CHUNK_TOKENS = 128
 # rather than added chunk by chunk. Each chunk's grad_weight += dlogits^T @ hidden re-reads and
 # re-writes all of grad_weight (4·V·H bytes in bf16) for 2·C·H·V FLOPs; the slices instead
 # recompute their logits (a fourth N·H·V product, 2·C·H·V per chunk's worth) and write each row
-# of grad_weight once, from one fp32 product over all N tokens. Slices win when the read-modify-
-# write outlasts the extra product: 4·V·H / bandwidth > 2·C·H·V / FLOP rate, i.e. C below
-# rate / (2 · bandwidth) ≈ 92 tokens at the H200's nominal 790 TFLOP/s and 4.3 TB/s. Measured on
-# an H200 (2026-11-30), the small-K products fall further short of those rates and the line
-# sits between 128 and 256: S1's 128-token chunks (4096 tokens, H 2048, V 128256) took 12.4 ms
-# of a 109 ms step in 31 additions at 168 TFLOP/s, and slices cut the step to 101 ms; K2b's
-# 256-token chunks (16384 tokens, H 2304, V 256000) ran 134 ms added per chunk, 139 ms sliced.
+# of grad_weight once, from one fp32 product over all N tokens. Per chunk's worth, adding costs
+# max(2·C·H·V / rate, 4·V·H / bandwidth) and slicing 4·C·H·V / rate (grad_weight's product and
+# the recompute), so slices win for C below rate / bandwidth: ~184 tokens at the H200's nominal
+# 790 TFLOP/s and 4.3 TB/s. Measured on an H200 (2026-11-30) the line sits between 128 and 256:
+# S1's 128-token chunks (4096 tokens, H 2048, V 128256) took 12.4 ms of a 109 ms step in 31
+# additions at 168 TFLOP/s, and slices cut the step to 101 ms; K2b's 256-token chunks (16384
+# tokens, H 2304, V 256000) ran 134 ms added per chunk, 139 ms sliced.
 _SLICED_WEIGHT_GRAD_BELOW = 256
 
 
