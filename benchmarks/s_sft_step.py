@@ -92,7 +92,6 @@ PEERS = ["hf", "trl", "trl-liger"]
 # they add; neither a peer nor the tunegraph row.
 # tunegraph-compile and trl-liger-compile (on request): the same with torch_compile: true (the
 # recipe key; TrainingArguments' torch_compile for TRL), side by side: diagnostic rows.
-# tunegraph-compile leaves the fused loss off (the recipe refuses it with torch_compile).
 PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
                      "trl-liger-compile"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
@@ -193,7 +192,7 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
               "val_set_size": 0, "logging_steps": 1, "seed": SEED,
               **{key: True for key in KERNEL_KEYS}}
     if compile_model:
-        recipe.update(torch_compile=True, liger_fused_linear_cross_entropy=False)
+        recipe["torch_compile"] = True
     if cfg["lora"]:
         recipe.update(adapter="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                       lora_dropout=0.0, lora_target_linear=True)

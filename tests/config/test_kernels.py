@@ -90,12 +90,3 @@ def test_lora_and_moe_kernel_keys():
     [problem] = problems(use_kernels=True)
     assert "use_kernels: true without use_scattermoe" in problem
 
-
-def test_fused_loss_with_torch_compile_is_an_error_naming_both_keys():
-    """The fused loss's model patch swaps lm_head.forward during each forward, which dynamo
-    can not trace (found running S1 with torch_compile): an error, not a failed first step."""
-    [problem] = problems(liger_fused_linear_cross_entropy=True, torch_compile=True)
-    assert "liger_fused_linear_cross_entropy with torch_compile: true" in problem
-    [problem] = problems(kernels={"fused_linear_cross_entropy": True}, torch_compile=True)
-    assert problem.startswith("kernels.fused_linear_cross_entropy with torch_compile")
-    assert build(liger_rms_norm=True, liger_rope=True, torch_compile=True).torch_compile

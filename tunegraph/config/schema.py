@@ -1040,12 +1040,6 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
             raise ValueError(f"{', '.join(on)}: the LoRA kernels replace PEFT's LoRA layers and "
                              f"need adapter: lora (adapter is {self.adapter or 'not set'}); add "
                              f"adapter: lora or turn {on[0]} off")
-        if options.fused_linear_cross_entropy and self.torch_compile:
-            key = options.recipe_keys.get("fused_linear_cross_entropy",
-                                          "kernels.fused_linear_cross_entropy")
-            raise ValueError(f"{key} with torch_compile: true is not supported yet: the fused "
-                             f"loss swaps lm_head's forward during each training forward, which "
-                             f"torch.compile can not trace; turn one of them off")
         return self
 
     def bind_source(self, name: str, source_path: Path | None,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 from typing import Any
 
 import torch
@@ -845,20 +846,16 @@ class _FusedForward:
             return _causal_lm_loss(model, captured["hidden"], labels, self.logit_scale,
                                    self.softcap, num_items_in_batch, ignore_index, shift_labels)
 
-        saved_forward = lm_head.__dict__.get("forward")
-        saved_loss = model.__dict__.get("_loss_function")
+        # Restored by assignment, never `del`: under torch.compile the assignments are pending
+        # side effects while the forward is traced, and a `del` of one would run for real.
+        saved_forward = lm_head.__dict__.get("forward") or types.MethodType(
+            type(lm_head).forward, lm_head)
+        saved_loss = model.__dict__.get("_loss_function") or model.loss_function
         lm_head.forward, model.loss_function = capture, loss_function
         try:
             output = self.original(*args, **kwargs)
         finally:
-            if saved_forward is None:
-                del lm_head.forward
-            else:
-                lm_head.forward = saved_forward
-            if saved_loss is None:
-                del model._loss_function
-            else:
-                model._loss_function = saved_loss
+            lm_head.forward, model.loss_function = saved_forward, saved_loss
         placeholder = captured.get("placeholder")
         if isinstance(output, tuple):  # return_dict=False
             return tuple(item for item in output if item is not placeholder)
