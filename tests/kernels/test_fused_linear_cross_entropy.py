@@ -492,7 +492,7 @@ def test_patched_llama_trains_under_torch_compile():
     compiled = torch.compile(patched, backend="aot_eager")
     for _ in range(2):  # the second call runs the cached graph
         assert_same_step(compiled, model, input_ids, labels)
-    assert patched.lm_head(torch.ones(1, 32)).shape == (1, 509)  # lm_head is itself again
+    assert patched.lm_head(torch.ones(1, 32, device=DEVICE)).shape == (1, 509)  # itself again
 
 
 @requires_kernels
