@@ -28,7 +28,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, print the t
 
 lane0() {
   export CUDA_VISIBLE_DEVICES=0
-  step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels -m gpu
+  step kernel_tests 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/ops/test_train_progress.py -m gpu
   step K3 140 python3 benchmarks/k3_lora.py --out "$OUT/K3.json"
   step K2 120 python3 benchmarks/k2_flce.py --out "$OUT/K2.json"
   step K1 70 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
@@ -52,7 +52,7 @@ profile_lane0() {
 profile_lane1() {
   export CUDA_VISIBLE_DEVICES=1
   step S1 300 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1.json" --timeout 200
-  step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels -m gpu
+  step kernel_tests 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/ops/test_train_progress.py -m gpu
 }
 
 flce_lane0() {
