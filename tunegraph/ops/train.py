@@ -183,13 +183,17 @@ class ProgressCallback(TrainerCallback):
         else:
             self._pending.append((self._step_start, end))
 
-    @property
-    def step_seconds(self) -> list[float]:
-        """Seconds of each optimizer step so far (waits for the GPU to reach the last one)."""
+    def _read_events(self) -> None:
+        """Turn the recorded event pairs into seconds (waits for the GPU to reach the last)."""
         for start, end in self._pending:
             end.synchronize()
             self._seconds.append(start.elapsed_time(end) / 1000)
         self._pending.clear()
+
+    @property
+    def step_seconds(self) -> list[float]:
+        """Seconds of each optimizer step so far."""
+        self._read_events()
         return self._seconds
 
     def median_step_s(self, warmup: int = 3) -> float | None:
@@ -199,7 +203,7 @@ class ProgressCallback(TrainerCallback):
         return statistics.median(timed) if timed else None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 (HF signature)
-        self.step_seconds  # noqa: B018 (the Trainer has synced for the loss: read the events)
+        self._read_events()  # the Trainer has synced for the loss: the events are done
         if logs:
             self.history.append({"step": state.global_step, **logs})
         if self.progress:
