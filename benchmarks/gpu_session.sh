@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh s2       # ~5 min
 #   bash benchmarks/gpu_session.sh profile  # ~8 min
 #   bash benchmarks/gpu_session.sh flce     # ~8 min: gpu tests + K2 | S1 (+ tunegraph-chunk1024)
+#   bash benchmarks/gpu_session.sh host     # ~6 min: host_overhead, K1, norm/glu/rope gpu tests |
+#                                           # S1 with tunegraph-compile-ro
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -67,12 +69,31 @@ flce_lane1() {
     --providers hf,trl,trl-liger,tunegraph,tunegraph-chunk1024
 }
 
+host_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step host_overhead 150 python3 benchmarks/host_overhead.py
+  step K1 90 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
+  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py \
+    tests/kernels/test_swiglu.py tests/kernels/test_rope.py tests/kernels/test_kernels_init.py \
+    tests/kernels/test_patch.py tests/kernels/test_patch_training.py -m gpu
+}
+
+host_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 540 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 300 \
+    --providers hf,trl-liger,tunegraph,tunegraph-compile-ro
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
 elif [ "${1:-}" = profile ]; then
   profile_lane0 &
   profile_lane1 &
+  wait
+elif [ "${1:-}" = host ]; then
+  host_lane0 &
+  host_lane1 &
   wait
 elif [ "${1:-}" = flce ]; then
   flce_lane0 &

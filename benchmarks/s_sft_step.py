@@ -91,9 +91,11 @@ PEERS = ["hf", "trl", "trl-liger"]
 # tunegraph-nolora (S2, on request): tunegraph without the lora_*_kernel keys, to show what
 # they add; neither a peer nor the tunegraph row.
 # tunegraph-compile and trl-liger-compile (on request): the same with torch_compile: true (the
-# recipe key; TrainingArguments' torch_compile for TRL), side by side: diagnostic rows.
+# recipe key; TrainingArguments' torch_compile for TRL), side by side: diagnostic rows;
+# tunegraph-compile-ro adds torch_compile_mode: reduce-overhead (CUDA graphs of the forward
+# and backward: packed rows have one shape, so the host launches each graph once per step).
 PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
-                     "trl-liger-compile"]
+                     "tunegraph-compile-ro", "trl-liger-compile"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -177,7 +179,7 @@ def prepare(work: Path, cfg: dict[str, Any]) -> None:
 
 
 def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
-                 compile_model: bool = False) -> Path:
+                 compile_model: bool = False, compile_mode: str | None = None) -> Path:
     """tunegraph's recipe for this benchmark: the shared settings in its keys, kernels on."""
     import yaml
 
@@ -193,6 +195,8 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
               **{key: True for key in KERNEL_KEYS}}
     if compile_model:
         recipe["torch_compile"] = True
+        if compile_mode:
+            recipe["torch_compile_mode"] = compile_mode
     if cfg["lora"]:
         recipe.update(adapter="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                       lora_dropout=0.0, lora_target_linear=True)
@@ -355,7 +359,8 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
         flce._MIN_CHUNK_TOKENS = 1024
     recipe = load_recipe(write_recipe(
         work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024"),
-        compile_model=name == "tunegraph-compile"))
+        compile_model=name in ("tunegraph-compile", "tunegraph-compile-ro"),
+        compile_mode="reduce-overhead" if name == "tunegraph-compile-ro" else None))
     lora_on = recipe.kernel_options().lora_on
     functions = {"apply_kernels": kernels.apply_kernels}
     if lora_on:

@@ -26,6 +26,7 @@ This package imports nothing from tunegraph outside it, and no transformers.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -63,9 +64,28 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     the interpreter (tests)."""
     if not HAS_TRITON:
         return False
-    if all(t.is_cuda for t in tensors):
+    for t in tensors:  # a loop, not all(<generator>): this runs at every kernel call
+        if not t.is_cuda:
+            break
+    else:
         return True
     return INTERPRET and all(t.device.type == "cpu" for t in tensors)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code. triton.cdiv is a constexpr function: a host call of it costs
+    microseconds, and the host path sets the time of small calls (benchmarks/NOTES.md, K1)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1); host code, as `cdiv`."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def num_programs_for_reduction(device: torch.device, num_rows: int) -> int:
@@ -73,7 +93,8 @@ def num_programs_for_reduction(device: torch.device, num_rows: int) -> int:
     summing a contiguous chunk of rows into its own partial row."""
     if device.type == "cuda":
         # 4 per SM keeps every SM busy through tail effects; more only adds partial rows to sum.
-        return max(1, min(num_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(num_rows, 4 * _sm_count(index)))
     return max(1, min(num_rows, 4))  # the interpreter runs programs one by one
 
 
@@ -98,13 +119,6 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def dense_like(grad: torch.Tensor, like: torch.Tensor) -> bool:
-    """True when a kernel may write its result into `grad` in place of `like`'s gradient: same
-    shape, dtype and strides, and dense (no element shared)."""
-    return (grad.shape == like.shape and grad.dtype == like.dtype
-            and grad.stride() == like.stride() and is_dense(grad))
 
 
 from tunegraph.kernels.lora import (  # noqa: E402

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunegraph.kernels import INTERPRET, tl, triton, use_triton
+from tunegraph.kernels import INTERPRET, cdiv, tl, triton, use_triton
 from tunegraph.kernels.swiglu import _activation, glu_reference
 
 # The MLP's middle: one program per GLU_BLOCK contiguous elements of the flattened [N, I] buffers
@@ -164,7 +164,7 @@ def _lora_glu_bwd_kernel(DH, DH_LORA, KEEP, G, U, num_elements, keep_scale, GELU
 
 
 def _glu_grid(num_elements: int) -> tuple[int]:
-    return (triton.cdiv(num_elements, GLU_BLOCK),)
+    return (cdiv(num_elements, GLU_BLOCK),)
 
 
 def lora_glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -19,10 +19,13 @@ memory-bound on any GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tunegraph.kernels import (
-    dense_like,
+    cdiv,
+    next_power_of_2,
     num_programs_for_reduction,
     tl,
     triton,
@@ -95,11 +98,12 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     tl.store(DW_PARTIAL + pid * num_cols + cols, _row_sum(dw, 0)[None, :], mask=col_mask)
 
 
+@functools.lru_cache(maxsize=64)
 def _blocks(num_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows per tile, BLOCK columns, warps): one row per tile from 2048 columns up;
     narrower rows are stacked to ~2048 elements per tile (small models, and the interpreter,
-    which pays per program)."""
-    block = triton.next_power_of_2(num_cols)
+    which pays per program). Cached: it runs at every call."""
+    block = next_power_of_2(num_cols)
     return max(1, 2048 // block), block, warps_for(max(block, 2048))
 
 
@@ -125,21 +129,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     return num_cols
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, 1/rms per row): launches `_rms_norm_fwd_kernel`."""
-    num_cols = _check(x, weight)
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+                     checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, 1/rms per row): launches `_rms_norm_fwd_kernel` (`checked`: the caller ran _check)."""
+    num_cols = x.shape[-1] if checked else _check(x, weight)
     x_rows = x.reshape(-1, num_cols)
     if x_rows.stride(-1) != 1:
         x_rows = x_rows.contiguous()
-    out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    y_rows = y.view(-1, num_cols)
-    rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+    out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(
+        x.dtype, weight.dtype)
     num_rows = x_rows.shape[0]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     block_m, block, warps = _blocks(num_cols)
-    _rms_norm_fwd_kernel[(triton.cdiv(num_rows, block_m),)](
-        x_rows, weight.contiguous(), y_rows, rstd, x_rows.stride(0), y_rows.stride(0), num_rows,
+    _rms_norm_fwd_kernel[(cdiv(num_rows, block_m),)](
+        x_rows, weight.contiguous(), y, rstd, x_rows.stride(0), num_cols, num_rows,
         num_cols, eps, GEMMA=gemma, BLOCK_M=block_m, BLOCK=block, num_warps=warps)
     return y, rstd
 
@@ -148,7 +152,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor, gemma: bool, dx: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight): launches `_rms_norm_bwd_kernel`, then sums the partial weight gradients.
-    `dx` may be given (the in-place backward passes dy itself)."""
+    `dx` may be given (the in-place backward passes dy itself; contiguous)."""
     num_cols = x.shape[-1]
     x_rows = x.reshape(-1, num_cols)
     if x_rows.stride(-1) != 1:
@@ -158,15 +162,14 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dy_rows = dy_rows.contiguous()
     if dx is None:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dx_rows = dx.view(-1, num_cols)
     num_rows = x_rows.shape[0]
-    rows_per_program = triton.cdiv(num_rows, num_programs_for_reduction(x.device, num_rows))
-    num_programs = triton.cdiv(num_rows, rows_per_program)
+    rows_per_program = cdiv(num_rows, num_programs_for_reduction(x.device, num_rows))
+    num_programs = cdiv(num_rows, rows_per_program)
     dw_partial = torch.empty((num_programs, num_cols), dtype=torch.float32, device=x.device)
     block_m, block, warps = _blocks(num_cols)
     _rms_norm_bwd_kernel[(num_programs,)](
-        dy_rows, x_rows, weight.contiguous(), rstd, dx_rows, dw_partial, dy_rows.stride(0),
-        x_rows.stride(0), dx_rows.stride(0), num_rows, num_cols, rows_per_program,
+        dy_rows, x_rows, weight.contiguous(), rstd, dx, dw_partial, dy_rows.stride(0),
+        x_rows.stride(0), num_cols, num_rows, num_cols, rows_per_program,
         GEMMA=gemma, BLOCK_M=block_m, BLOCK=block, num_warps=warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
 
@@ -210,33 +213,38 @@ def _backward(ctx, dy, _drstd):
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _RMSNormInplaceBackward(torch.autograd.Function):
-    """Eager only: the backward writes dx over dy (Liger's default), saving one activation-sized
-    buffer. Only for graphs where dy reaches nothing else: a norm whose output feeds linear
-    layers (pre-norms), never a post-norm added to the residual, whose dy the residual shares."""
+class _RMSNormFunction(torch.autograd.Function):
+    """The eager path: an autograd.Function costs the host a fraction of a custom op's dispatch
+    (benchmarks/host_overhead.py), and small calls are host-bound. `inplace`: the backward
+    writes dx over dy (Liger's default), saving one activation-sized buffer. Only for graphs
+    where dy reaches nothing else: a norm whose output feeds linear layers (pre-norms), never a
+    post-norm added to the residual, whose dy the residual shares."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, gemma):
-        y, rstd = rms_norm_forward(x, weight, eps, gemma)
+    def forward(ctx, x, weight, eps, gemma, inplace):
+        y, rstd = rms_norm_forward(x, weight, eps, gemma, checked=True)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.gemma = gemma
+        ctx.gemma, ctx.inplace = gemma, inplace
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        reuse = dense_like(dy, x) and dy.is_contiguous()
+        # dx takes dy's (contiguous) layout; autograd accepts any strides of x's shape.
+        reuse = ctx.inplace and dy.dtype == x.dtype and dy.is_contiguous()
         dx, dw = rms_norm_backward(dy, x, weight, rstd, ctx.gemma, dx=dy if reuse else None)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False,
              inplace_backward: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading shape). The Triton kernels on CUDA
-    (or the interpreter); `rms_norm_reference` elsewhere. `inplace_backward` (eager only; see
-    `_RMSNormInplaceBackward` for when it is safe) overwrites the output's gradient with dx."""
+    (or the interpreter); `rms_norm_reference` elsewhere. Eager calls go through an
+    autograd.Function, compiled ones through the custom op. `inplace_backward` (eager only; see
+    `_RMSNormFunction` for when it is safe) overwrites the output's gradient with dx."""
     if not use_triton(x, weight):
         return rms_norm_reference(x, weight, eps, gemma=gemma)
-    if inplace_backward and not torch.compiler.is_compiling():
-        return _RMSNormInplaceBackward.apply(x, weight, eps, gemma)
-    return torch.ops.tunegraph.rms_norm_fwd(x, weight, eps, gemma)[0]
+    if torch.compiler.is_compiling():
+        return torch.ops.tunegraph.rms_norm_fwd(x, weight, eps, gemma)[0]
+    _check(x, weight)
+    return _RMSNormFunction.apply(x, weight, eps, gemma, inplace_backward)

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from tunegraph.kernels import is_dense, tl, triton, use_triton
+from tunegraph.kernels import cdiv, is_dense, next_power_of_2, tl, triton, use_triton
 
 
 @triton.jit
@@ -180,12 +180,12 @@ def _launch_config(num_q_heads: int, num_k_heads: int, head_dim: int, seq_len: i
                    ) -> tuple[int, int, int, int, int]:
     """(BLOCK_T, BLOCK_QH, BLOCK_KH, BLOCK_HALF, num_warps), cached per shape: the host path
     sets RoPE's time below ~16k tokens (benchmarks/NOTES.md, K1 outcome 2)."""
-    block_qh, block_kh = triton.next_power_of_2(num_q_heads), triton.next_power_of_2(num_k_heads)
-    block_half = triton.next_power_of_2(head_dim // 2)
+    block_qh, block_kh = next_power_of_2(num_q_heads), next_power_of_2(num_k_heads)
+    block_half = next_power_of_2(head_dim // 2)
     per_token = (block_qh + block_kh) * block_half
     # One token per program from ~2K elements per half up (a 7B's 32+8 heads of 128); fewer
     # heads are stacked over tokens to that size (small models, and the interpreter).
-    block_t = min(triton.next_power_of_2(seq_len), 1 << max(0, (2048 // per_token).bit_length() - 1))
+    block_t = min(next_power_of_2(seq_len), 1 << max(0, (2048 // per_token).bit_length() - 1))
     # ~16 elements per thread: 4 warps for a 7B's 32+8 heads of 128 would be 40.
     num_warps = 8 if block_t * per_token * 2 >= 4096 else 4
     return block_t, block_qh, block_kh, block_half, num_warps
@@ -200,7 +200,7 @@ def _launch(kernel, q, k, cos, sin, q_out, k_out) -> None:
     cos_sb = cos.stride(0) if cos.shape[0] > 1 else 0
     block_t, block_qh, block_kh, block_half, num_warps = _launch_config(
         num_q_heads, k.shape[1], head_dim, seq_len)
-    kernel[(batch * triton.cdiv(seq_len, block_t),)](
+    kernel[(batch * cdiv(seq_len, block_t),)](
         q, k, cos, sin, q_out, k_out, seq_len,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
         cos_sb, cos.stride(1), num_q_heads, k.shape[1], head_dim // 2,
@@ -283,35 +283,37 @@ def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a_end <= b_start or b_end <= a_start
 
 
-class _RopeInplaceBackward(torch.autograd.Function):
-    """Eager only: the backward writes dq, dk over the outputs' gradients when those are dense,
-    of q's and k's dtypes, and disjoint, as flash-attn's rotary does with inplace=True: no
-    q/k-sized allocation in the backward. Only where those gradients reach nothing else (HF
-    attention: they come from the attention's own backward). The forward writes new tensors:
-    rotating q and k in place would need `mark_dirty` on two views, which autograd refuses, and
-    the projections they replace are freed after it anyway."""
+class _RopeFunction(torch.autograd.Function):
+    """The eager path (an autograd.Function: far less host time per call than a custom op's
+    dispatch, benchmarks/host_overhead.py). `inplace`: the backward writes dq, dk over the
+    outputs' gradients when those are dense, of q's and k's dtypes, and disjoint, as
+    flash-attn's rotary does with inplace=True: no q/k-sized allocation in the backward. Only
+    where those gradients reach nothing else (HF attention: they come from the attention's own
+    backward). The forward writes new tensors: rotating q and k in place would need
+    `mark_dirty` on two views, which autograd refuses, and the projections they replace are
+    freed after it anyway."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, inplace):
         ctx.save_for_backward(cos, sin)
-        ctx.dtypes = (q.dtype, k.dtype)
+        ctx.dtypes, ctx.inplace = (q.dtype, k.dtype), inplace
         return rope_forward(q, k, cos, sin, checked=True)
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
-        inplace = ((dq_out.dtype, dk_out.dtype) == ctx.dtypes
+        inplace = (ctx.inplace and (dq_out.dtype, dk_out.dtype) == ctx.dtypes
                    and all(g.stride(-1) == 1 and is_dense(g) for g in (dq_out, dk_out))
                    and _disjoint(dq_out, dk_out))
         dq, dk = rope_backward(dq_out, dk_out, cos, sin, *ctx.dtypes, inplace=inplace)
-        return dq, dk, None, None
+        return dq, dk, None, None, None
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  unsqueeze_dim: int = 1, *, inplace_backward: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's apply_rotary_pos_emb through the Triton kernels (CUDA or the interpreter), else the
-    reference. `inplace_backward` (eager; see `_RopeInplaceBackward` for when it is safe):
+    reference. `inplace_backward` (eager; see `_RopeFunction` for when it is safe):
     the backward reuses the outputs' gradient buffers."""
     if unsqueeze_dim not in (1, 2):
         raise ValueError(f"rope: unsqueeze_dim must be 1 ([B, H, T, D]) or 2 ([B, T, H, D]), "
@@ -324,7 +326,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         q_embed, k_embed = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin,
                                         inplace_backward=inplace_backward)
         return q_embed.transpose(1, 2), k_embed.transpose(1, 2)
+    if torch.compiler.is_compiling():
+        return torch.ops.tunegraph.rope_fwd(q, k, cos, sin)
     _check(q, k, cos, sin)
-    if inplace_backward and not torch.compiler.is_compiling():
-        return _RopeInplaceBackward.apply(q, k, cos, sin)
-    return torch.ops.tunegraph.rope_fwd(q, k, cos, sin)
+    return _RopeFunction.apply(q, k, cos, sin, inplace_backward)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tunegraph.kernels import tl, triton, use_triton
+from tunegraph.kernels import cdiv, tl, triton, use_triton
 
 # Elements per program: 8 warps x 32 threads x 8 elements, so each thread moves 16 bytes of
 # bf16 per load (one 128-bit access).
@@ -90,14 +90,17 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
                          f"{up.dtype} must have one shape and dtype")
 
 
-def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """act(gate) * up: launches `_glu_fwd_kernel` over the flattened (contiguous) tensors."""
-    _check(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool, checked: bool = False
+                ) -> torch.Tensor:
+    """act(gate) * up: launches `_glu_fwd_kernel` over the flattened tensors (`checked`: the
+    caller ran _check and made them contiguous)."""
+    if not checked:
+        _check(gate, up)
+        gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     num = gate.numel()
-    _glu_fwd_kernel[(triton.cdiv(num, GLU_BLOCK),)](gate, up, out, num, GELU=gelu, BLOCK=GLU_BLOCK,
-                                                num_warps=NUM_WARPS)
+    _glu_fwd_kernel[(cdiv(num, GLU_BLOCK),)](gate, up, out, num, GELU=gelu, BLOCK=GLU_BLOCK,
+                                              num_warps=NUM_WARPS)
     return out
 
 
@@ -113,7 +116,7 @@ def glu_backward(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: b
         gate, up = gate.contiguous(), up.contiguous()
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     num = gate.numel()
-    _glu_bwd_kernel[(triton.cdiv(num, GLU_BLOCK),)](dc, gate, up, d_gate, d_up, num, GELU=gelu,
+    _glu_bwd_kernel[(cdiv(num, GLU_BLOCK),)](dc, gate, up, d_gate, d_up, num, GELU=gelu,
                                                 BLOCK=GLU_BLOCK, num_warps=NUM_WARPS)
     return d_gate, d_up
 
@@ -155,35 +158,38 @@ def _backward(ctx, dc):
 _glu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GLUInplaceBackward(torch.autograd.Function):
-    """Eager only: the backward writes the gradients over the saved gate and up (as Liger does),
-    so no gradient-sized buffers are allocated. Only for gate/up that nothing else reads after
-    this op's backward (an MLP's fresh projections). Their version counters are bumped, so
-    autograd raises if anything saved them for its own backward, or on a second backward."""
+class _GLUFunction(torch.autograd.Function):
+    """The eager path (an autograd.Function: far less host time per call than a custom op's
+    dispatch, benchmarks/host_overhead.py). `inplace`: the backward writes the gradients over
+    the saved gate and up (as Liger does), so no gradient-sized buffers are allocated. Only for
+    gate/up that nothing else reads after this op's backward (an MLP's fresh projections).
+    Their version counters are bumped, so autograd raises if anything saved them for its own
+    backward, or on a second backward."""
 
     @staticmethod
-    def forward(ctx, gate, up, gelu):
-        _check(gate, up)
+    def forward(ctx, gate, up, gelu, inplace):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
-        ctx.gelu = gelu
-        return glu_forward(gate, up, gelu)
+        ctx.gelu, ctx.inplace = gelu, inplace
+        return glu_forward(gate, up, gelu, checked=True)
 
     @staticmethod
     def backward(ctx, dc):
         gate, up = ctx.saved_tensors
-        d_gate, d_up = glu_backward(dc, gate, up, ctx.gelu, inplace=True)
-        torch.autograd.graph.increment_version((gate, up))
-        return d_gate, d_up, None
+        d_gate, d_up = glu_backward(dc, gate, up, ctx.gelu, inplace=ctx.inplace)
+        if ctx.inplace:
+            torch.autograd.graph.increment_version((gate, up))
+        return d_gate, d_up, None, None
 
 
 def _glu(gate: torch.Tensor, up: torch.Tensor, gelu: bool, inplace_backward: bool) -> torch.Tensor:
     if not use_triton(gate, up):
         return glu_reference(gate, up, gelu=gelu)
-    if (inplace_backward and not torch.compiler.is_compiling()
-            and gate.grad_fn is not None and up.grad_fn is not None):
-        return _GLUInplaceBackward.apply(gate, up, gelu)
-    return torch.ops.tunegraph.glu_fwd(gate, up, gelu)
+    if torch.compiler.is_compiling():
+        return torch.ops.tunegraph.glu_fwd(gate, up, gelu)
+    _check(gate, up)
+    inplace = inplace_backward and gate.grad_fn is not None and up.grad_fn is not None
+    return _GLUFunction.apply(gate, up, gelu, inplace)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, inplace_backward: bool = False
