@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_session.sh flce     # ~8 min: gpu tests + K2 | S1 (+ tunegraph-chunk1024)
 #   bash benchmarks/gpu_session.sh host     # ~6 min: host_overhead, K1, norm/glu/rope gpu tests |
 #                                           # S1 with tunegraph-compile-ro
+#   bash benchmarks/gpu_session.sh moe      # ~9 min: M1 (+ LoRA profile), moe/flce gpu tests |
+#                                           # S1 --profile with tunegraph-compile-ro (dynamo logs)
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -84,6 +86,22 @@ host_lane1() {
     --providers hf,trl-liger,tunegraph,tunegraph-compile-ro
 }
 
+moe_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step M1 330 python3 benchmarks/m1_moe.py --out "$OUT/M1.json"
+  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_moe.py \
+    tests/kernels/test_fused_linear_cross_entropy.py -m gpu
+}
+
+moe_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  export TORCH_LOGS="graph_breaks,recompiles,perf_hints,cudagraphs"
+  step S1 420 \
+    python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1.json" --timeout 300 \
+    --providers trl-liger,tunegraph,tunegraph-compile-ro
+  mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
@@ -94,6 +112,10 @@ elif [ "${1:-}" = profile ]; then
 elif [ "${1:-}" = host ]; then
   host_lane0 &
   host_lane1 &
+  wait
+elif [ "${1:-}" = moe ]; then
+  moe_lane0 &
+  moe_lane1 &
   wait
 elif [ "${1:-}" = flce ]; then
   flce_lane0 &

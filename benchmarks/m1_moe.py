@@ -4,6 +4,7 @@ experts with rank-16 LoRA on both expert weights.
 
     python benchmarks/m1_moe.py --out benchmarks/results/M1.json    # on a CUDA GPU (~3 min)
     python benchmarks/m1_moe.py --dry-run                           # CPU, tiny shapes (~1 min)
+    python benchmarks/m1_moe.py --profile-only --tokens 32768       # per-launch GPU times (~1 min)
 
 Workloads: x [T, 2048] (a leaf that needs its gradient: the layer's input), routing from
 Qwen3-MoE's router rule (softmax over 128 logits, top-8, renormalised) on
@@ -40,6 +41,14 @@ allocation above the inputs during one forward+backward. Throughput: TFLOP/s cou
 expert products every provider must do (18 T K H I full, 12 T K H I frozen; LoRA's own
 products, ~3%, not counted). Pass (BENCHMARKS.md, M1): >= 1.3x hf-grouped_mm and >= 1.1x the
 best fused peer (liger).
+
+Profiles (stderr): GPU time per kernel name of one forward+backward for every provider on the
+first full fine-tune workload, and for tunegraph on every LoRA workload; then tunegraph's
+launches one by one in launch order (its scatter and weight-gradient kernels run several times
+a step, each named by what it computes) with the autotuner's picks. --profile-only skips the
+peers, the JSON and the table: for each selected workload (--tokens, --lora, --routing) it
+checks tunegraph against the fp32 reference, times it (do_bench) and prints the per-launch
+profile; `--profile-only --tokens 32768` puts the full fine-tune and LoRA rows side by side.
 
 --dry-run: tiny shapes on the CPU (Triton's interpreter runs the kernels, wall-clock timing, no
 liger, no memory numbers), in fp32: the interpreter's bf16 dots and casts are wrong (see
@@ -268,6 +277,98 @@ def profile(work: Workload, providers: list[str]) -> None:
             file=sys.stderr)
 
 
+# tunegraph's launches that run more than once a step, by occurrence (moe.py's order):
+# (frozen experts + LoRA?, kernel name) -> what each occurrence computes.
+LAUNCH_LABELS = {
+    (False, "_moe_scatter_kernel"): ["fwd down (act W_d^T, scatter)", "bwd dx (dgu W_gu, scatter)"],
+    (True, "_moe_scatter_kernel"): ["fwd down + LoRA (scatter)", "bwd dx + LoRA (scatter)"],
+    (False, "_moe_wgrad_bwd_kernel"): ["d down_proj", "d gate_up_proj"],
+    (True, "_moe_wgrad_bwd_kernel"): ["dA down (dyB^T wact)", "dB down (dy^T w xA_d)",
+                                      "dA gate_up (dgu B)^T x", "dB gate_up (dgu^T xA)"],
+}
+
+
+def profile_launches(work: Workload, provider: str = "tunegraph", steps: int = 3) -> float:
+    """tunegraph's GPU kernels of one forward+backward in launch order, each the median over
+    `steps` profiled steps; returns the step's summed kernel time (ms)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    t = work.inputs(99)
+    for _ in range(2):
+        fwd_bwd(work, provider, t)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fwd_bwd(work, provider, t)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace_path))
+        trace = json.loads(trace_path.read_text())
+    kernels = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
+                      and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                     key=lambda e: float(e["ts"]))
+    per_step = len(kernels) // steps
+    if per_step == 0 or len(kernels) % steps:
+        print(f"launches {work.label}: {len(kernels)} GPU events over {steps} steps, uneven; "
+              "per-launch table skipped", file=sys.stderr)
+        return float("nan")
+    seen: dict[str, int] = {}
+    lines, total, small, small_ms = [], 0.0, 0, 0.0
+    for i in range(per_step):
+        name = kernels[i]["name"]
+        ms = statistics.median(float(kernels[i + s * per_step]["dur"]) for s in range(steps)) / 1e3
+        total += ms
+        occurrence = seen.get(name, 0)
+        seen[name] = occurrence + 1
+        labels = LAUNCH_LABELS.get((work.lora, name))
+        label = labels[occurrence] if labels and occurrence < len(labels) else ""
+        if ms < 0.02 and not name.startswith("_moe"):
+            small, small_ms = small + 1, small_ms + ms
+            continue
+        lines.append(f"  {i:3d} {ms:8.3f} ms  {name[:60]}{'  [' + label + ']' if label else ''}")
+    print(f"launches {work.label}: {provider}: {per_step} GPU events, {total:.3f} ms summed "
+          f"(median of {steps} steps)\n" + "\n".join(lines)
+          + f"\n      {small_ms:8.3f} ms  {small} other launches under 0.02 ms each", file=sys.stderr)
+    if provider == "tunegraph":
+        from tunegraph.kernels import moe as moe_module
+
+        for name, tuner in getattr(moe_module, "_TUNED", {}).items():
+            for key, config in getattr(tuner, "cache", {}).items():
+                print(f"  autotune {name} {key}: {config}", file=sys.stderr)
+    return total
+
+
+def profile_only(options, shape, workloads) -> None:
+    """--profile-only: tunegraph alone, per selected workload: check, time, per-launch profile."""
+    summary = []
+    for tokens, routing, lora in workloads:
+        work = Workload(tokens, routing, lora, shape, "cuda", None)
+        t = work.inputs(seed=7)
+        ref_out, ref_leaves = work.reference(t)
+        reference = (ref_out.detach(), torch.autograd.grad(ref_out, ref_leaves, t["dy"].float()))
+        del ref_out, ref_leaves
+        err = check(work, "tunegraph", t, reference)
+        del reference
+        print(f"{work.label}: tunegraph max rel err vs fp32 {err:.2e}", file=sys.stderr)
+        if not err <= BF16_TOL:
+            raise SystemExit(f"{work.label}: tunegraph is wrong ({err:.2e} > {BF16_TOL:.2e})")
+        samples = time_ms(work, "tunegraph", work.inputs(seed=1000),
+                          options.rep_ms * options.repeats, False)
+        median = statistics.median(samples)
+        gpu_ms = profile_launches(work)
+        summary.append(f"{work.label}: {median:.3f} ms median ({len(samples)} samples), "
+                       f"{work.flops() / (median / 1e3) / 1e12:.1f} TFLOP/s, kernels "
+                       f"{gpu_ms:.3f} ms, err {err:.1e}")
+        del work, t
+        torch.cuda.empty_cache()
+    print("\n".join(summary))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
@@ -277,6 +378,14 @@ def main() -> None:
     parser.add_argument("--liger-autotune", action="store_true",
                         help="let liger's fused MoE autotune (32 configs a kernel: minutes)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="tunegraph only: check, time and per-launch profile of the selected "
+                             "workloads (no peers, no JSON)")
+    parser.add_argument("--lora", choices=["both", "off", "on"], default="both",
+                        help="full fine-tune rows (off), frozen experts + LoRA rows (on), or both")
+    parser.add_argument("--routing", choices=["both", "uniform", "zipf"], default=None,
+                        help="routing of the full fine-tune rows (LoRA rows: uniform only); "
+                             "default both, uniform with --profile-only")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/M1.json; dry run: /tmp)")
     options = parser.parse_args()
@@ -295,9 +404,17 @@ def main() -> None:
     providers = [p for p in PEERS if p != "liger" or liger is not None] + ["tunegraph"]
     peers = providers[:-1]
 
+    routing_choice = options.routing or ("uniform" if options.profile_only else "both")
+    routings = ("uniform", "zipf") if routing_choice == "both" else (routing_choice,)
+    loras = {"both": (False, True), "off": (False,), "on": (True,)}[options.lora]
+    workloads = [(tokens, routing, lora) for lora in loras for tokens in token_counts
+                 for routing in routings if not (lora and routing == "zipf")]
+    if options.profile_only:
+        if dry:
+            raise SystemExit("--profile-only needs a CUDA GPU")
+        profile_only(options, shape, workloads)
+        return
     rows: list[dict] = []
-    workloads = [(tokens, routing, lora) for lora in (False, True) for tokens in token_counts
-                 for routing in ("uniform", "zipf") if not (lora and routing == "zipf")]
     for tokens, routing, lora in workloads:
         work = Workload(tokens, routing, lora, shape, device, liger)
         t = work.inputs(seed=7)
@@ -325,9 +442,13 @@ def main() -> None:
                          "throughput": round(work.flops() / (timing["median_ms"] / 1e3) / 1e12, 1),
                          "unit": "TFLOP/s", "max_rel_err_vs_fp32": float(f"{errors[p]:.3g}"),
                          "busiest_expert_rows": busiest, "samples": len(samples[p])})
-        if not dry and work.tokens == token_counts[0] and routing == "uniform" and not lora \
-                and not options.no_profile:
-            profile(work, providers)
+        if not dry and not options.no_profile:
+            if work.tokens == token_counts[0] and routing == "uniform" and not lora:
+                profile(work, providers)
+                profile_launches(work)
+            elif lora:
+                profile(work, ["tunegraph"])
+                profile_launches(work)
         del work, t
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -484,14 +484,22 @@ def test_patched_llama_trains_under_torch_compile():
     """torch.compile(model) over the patched forward (what `torch_compile: true` does): the
     per-call lm_head / loss_function swap traces (it restores by assignment; a `del` failed
     under dynamo), and the loss and every gradient equal the unpatched eager step. aot_eager
-    runs dynamo and AOTAutograd without inductor's C++ build (the GPU test uses inductor)."""
+    runs dynamo and AOTAutograd without inductor's C++ build (the GPU test uses inductor).
+    No graph break: a break splits the step's graphs (and the CUDA graphs of
+    `torch_compile_mode: reduce-overhead`)."""
+    from torch._dynamo.utils import counters
+
     model = tiny_llama()
     patched = copy.deepcopy(model)
     apply_fused_linear_cross_entropy(patched)
     input_ids, labels = make_batch(509)
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(patched, backend="aot_eager")
     for _ in range(2):  # the second call runs the cached graph
         assert_same_step(compiled, model, input_ids, labels)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1  # no recompile at the second call
     assert patched.lm_head(torch.ones(1, 32, device=DEVICE)).shape == (1, 509)  # itself again
 
 

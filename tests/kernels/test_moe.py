@@ -181,6 +181,44 @@ def test_frozen_experts_with_lora_match_float64(dtype, device):
     check_all(got, want, TOL[dtype], f"lora {dtype}")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "rank_major", "fp32_factors"])
+def test_lora_b_layouts_and_dtypes(layout, device):
+    """The kernels read B from a rank-major copy ([E, r, out] memory): B given [E, out, r]
+    contiguous (copied), already rank-major (read in place, no copy), or fp32 factors on bf16
+    experts (copied and cast): all equal the float64 reference, with dB in B's own layout."""
+    dtype = torch.bfloat16 if layout == "fp32_factors" else torch.float32
+    t = expert_inputs(dtype, device, seed=51)
+    for name in ("gu_b", "d_b"):
+        if layout == "contiguous":
+            t[name] = t[name].contiguous()
+        elif layout == "rank_major":
+            t[name] = t[name].transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            t[name] = t[name].float()
+    for name in ("gu_a", "d_a") if layout == "fp32_factors" else ():
+        t[name] = t[name].float()
+    got = run_experts(moe_experts, t, lora=True, frozen=True)
+    want = run_experts(moe_experts_reference, t, lora=True, frozen=True, cast=torch.float64)
+    check_all(got, want, TOL[dtype], f"lora B {layout}")
+    for name in ("gu_a", "gu_b", "d_a", "d_b"):
+        assert got[1][name].dtype == t[name].dtype and got[1][name].shape == t[name].shape
+
+
+def test_lora_of_scale_zero_adds_nothing(device):
+    """A zero LoRA scale (the epilogues divide by it) is left out: the output is the frozen
+    experts' alone and the factors' gradients are zeros."""
+    t = expert_inputs(torch.float32, device, seed=52)
+    leaves = {k: t[k].clone().requires_grad_() for k in ("gu_a", "gu_b", "d_a", "d_b")}
+    y = moe_experts(t["x"], t["index"], t["weights"], t["gate_up"], t["down"],
+                    gate_up_lora=(leaves["gu_a"], leaves["gu_b"], 0.0),
+                    down_lora=(leaves["d_a"], leaves["d_b"], 0))
+    y.backward(t["dy"])
+    y_plain = moe_experts_reference(t["x"], t["index"], t["weights"], t["gate_up"], t["down"])
+    assert rel_err(y, y_plain) < FP32_TOL
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.abs().max() == 0, name
+
+
 def test_top1_uniform_routing_trainable_experts_with_lora(device):
     """Top-1 routing (one pick a token), uniform, trainable experts and LoRA together; hidden
     and intermediate sizes that are multiples of the K step, so the K loops run unmasked (the

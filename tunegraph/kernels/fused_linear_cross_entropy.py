@@ -811,6 +811,21 @@ def _causal_lm_loss(model: Any, hidden_BTH: torch.Tensor, labels: torch.Tensor, 
                                       softcap=softcap, logit_scale=logit_scale)
 
 
+class _LMHeadSwitch:
+    """lm_head.forward while the model is patched: the module's own forward, or during a fused
+    training call `capture`. Set once at patch time, so a call flips one attribute instead of
+    binding a new method (which torch.compile's dynamo cannot trace: it broke the graph)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module  # copy.deepcopy of the module copies this switch with it
+        self.capture = None
+
+    def __call__(self, *args, **kwargs):
+        if self.capture is not None:
+            return self.capture(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
 class _FusedForward:
     """model.forward after the patch: the model's own forward, with the loss fused while training
     with labels. An object holding the model (not a closure) so that copy.deepcopy of the model
@@ -848,14 +863,21 @@ class _FusedForward:
 
         # Restored by assignment, never `del`: under torch.compile the assignments are pending
         # side effects while the forward is traced, and a `del` of one would run for real.
-        saved_forward = lm_head.__dict__.get("forward") or types.MethodType(
-            type(lm_head).forward, lm_head)
         saved_loss = model.__dict__.get("_loss_function") or model.loss_function
-        lm_head.forward, model.loss_function = capture, loss_function
-        try:
-            output = self.original(*args, **kwargs)
-        finally:
-            lm_head.forward, model.loss_function = saved_forward, saved_loss
+        switch = lm_head.__dict__.get("forward")
+        if isinstance(switch, _LMHeadSwitch) and switch.module is lm_head:
+            switch.capture, model.loss_function = capture, loss_function
+            try:
+                output = self.original(*args, **kwargs)
+            finally:
+                switch.capture, model.loss_function = None, saved_loss
+        else:  # lm_head replaced since the patch, or hooked (accelerate): swap its forward
+            saved_forward = switch or types.MethodType(type(lm_head).forward, lm_head)
+            lm_head.forward, model.loss_function = capture, loss_function
+            try:
+                output = self.original(*args, **kwargs)
+            finally:
+                lm_head.forward, model.loss_function = saved_forward, saved_loss
         placeholder = captured.get("placeholder")
         if isinstance(output, tuple):  # return_dict=False
             return tuple(item for item in output if item is not placeholder)
@@ -881,4 +903,9 @@ def apply_fused_linear_cross_entropy(model: Any) -> None:
     logit_scale, softcap = _logits_transform(causal_lm)
     if "labels" not in inspect.signature(causal_lm.forward).parameters:
         raise _patch_error(causal_lm, "its forward takes no `labels`")
+    if "forward" not in causal_lm.lm_head.__dict__:  # hooked lm_heads keep the per-call swap
+        causal_lm.lm_head.forward = _LMHeadSwitch(causal_lm.lm_head)
+    # The property's setter stores `_loss_function`, which each call swaps: set it now, so
+    # torch.compile's guard on it holds from the first call (no recompile at the second).
+    causal_lm.loss_function = causal_lm.loss_function
     causal_lm.forward = _FusedForward(causal_lm, logit_scale, softcap)

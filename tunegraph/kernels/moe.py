@@ -38,6 +38,10 @@ Backward (dy):
    output tile, looping over the expert's rows (none: zeros); the same kernel gives LoRA's
    dA and dB (rank-wide tiles). Frozen experts (requires_grad False) skip d W entirely.
 
+LoRA layout: the kernels read each B factor from a rank-major copy ([E, r, out] in memory,
+`_rank_major`; PEFT's B has the expert index fastest), so its tiles load as contiguous rows;
+gradients keep the caller's layout. LoRA and plain launches are autotuned separately.
+
 Numerics follow HF's rounding points: gate_up, silu(gate), act and each expert's output are
 rounded to the input dtype as HF's linear layers and activation round them; accumulation is fp32
 in every product; the K-way combine is fp32 (HF eager accumulates it in bf16, grouped_mm in
@@ -155,8 +159,15 @@ def _moe_up_fwd_kernel(
             lb_mask = (rs < rank)[:, None] & col_mask[None, :]
             lb_g = tl.load(lb_ptrs, mask=lb_mask, other=0.0).to(dtype)
             lb_u = tl.load(lb_ptrs + inter * stride_lbn, mask=lb_mask, other=0.0).to(dtype)
-            acc_g += lora_scale * tl.dot(xa_in, lb_g, input_precision=PRECISION)
-            acc_u += lora_scale * tl.dot(xa_in, lb_u, input_precision=PRECISION)
+            # acc + s (xa B^T) as (acc / s + xa B^T) s: the dot accumulates in place, no second
+            # [BLOCK_M, BLOCK_N] fp32 tile. With one, BLOCK_N 128 needed 255 registers and ptxas
+            # kept an accumulator in local memory, reloaded and stored around every K step's
+            # wgmma (sm_90a SASS); now 223, no spill. s != 0 (moe_experts); exact for
+            # power-of-two s, else within two fp32 ulps.
+            acc_g = tl.dot(xa_in, lb_g, acc_g * (1.0 / lora_scale),
+                           input_precision=PRECISION) * lora_scale
+            acc_u = tl.dot(xa_in, lb_u, acc_u * (1.0 / lora_scale),
+                           input_precision=PRECISION) * lora_scale
             if pid_n == 0:
                 tl.store(XA + rows[:, None].to(tl.int64) * rank + rs[None, :], xa_in,
                          mask=row_mask[:, None] & (rs < rank)[None, :])
@@ -234,7 +245,8 @@ def _moe_scatter_kernel(
                 low_in = tl.load(low_ptrs, mask=low_mask, other=0.0).to(dtype)
             lb = tl.load(LB + e64 * stride_lbe + rs[:, None] * stride_lbr + cols[None, :] * stride_lbn,
                          mask=(rs < rank)[:, None] & col_mask[None, :], other=0.0).to(dtype)
-            acc += lora_scale * tl.dot(low_in, lb, input_precision=PRECISION)
+            # In place, as in _moe_up_fwd_kernel (182 -> 114 registers at BLOCK_N 128).
+            acc = tl.dot(low_in, lb, acc * (1.0 / lora_scale), input_precision=PRECISION) * lora_scale
         tl.store(OUT + slots[:, None] * num_cols + cols[None, :], acc.to(OUT.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
 
@@ -518,7 +530,7 @@ def _up_forward(x, w, plan: _Plan, lora: LoRA | None):
     la, lb, scale, rank = _lora_parts(lora, w)
     xa = torch.empty(num_rows, rank, device=x.device, dtype=x.dtype)
     kernel, meta = _launcher(_moe_up_fwd_kernel, "up_fwd", _UP_CONFIGS,
-                             ["inter", "hidden", "BLOCK_M"], x.device)
+                             ["inter", "hidden", "BLOCK_M", "HAS_LORA"], x.device)
     grid = lambda m: (plan.num_blocks * triton.cdiv(inter, (meta or m)["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, x.stride(0), plan.token, plan.block_expert, plan.block_row, plan.offsets,
                  w, *w.stride(), la, *la.stride(), lb, *lb.stride(), gate_up, act, xa, scale,
@@ -578,6 +590,27 @@ def _wgrad(left, left_gather: bool, right, right_gather: bool, plan: _Plan, out:
                  **meta)
 
 
+def _launched_meta(kernel, meta: dict) -> dict:
+    """The meta-parameters of the launch just made: the fixed ones, or the autotuner's pick."""
+    return meta or kernel.best_config.kwargs
+
+
+def _rank_major(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA B factor [E, out, r] as a view of a rank-major [E, r, out] buffer in the compute
+    dtype (a copy unless it is one already: 8 MB for Qwen3-30B-A3B's down_proj at r 16). PEFT's
+    B is lora_B.weight [out, r * E] viewed [E, out, r]: the expert index is its fastest axis, so
+    a kernel's [r, BLOCK_N] tile of it is r * BLOCK_N 2-byte elements 256 B apart, each its own
+    sector and no cp.async: in the down backward's K loop that load stalled every step (one
+    program per SM there). Rank-major, every B tile the kernels read is rows of out contiguous
+    (the kernels cast B to the compute dtype on load anyway, so the cast changes no result)."""
+    num_experts, out_features, rank = b.shape
+    if b.dtype == dtype and b.stride() == (rank * out_features, 1, out_features):
+        return b
+    buffer = torch.empty(num_experts, rank, out_features, device=b.device, dtype=dtype)
+    buffer.copy_(b.transpose(1, 2))
+    return buffer.transpose(1, 2)
+
+
 def _grad_like(t: torch.Tensor) -> torch.Tensor:
     """A gradient buffer with t's strides when t is dense (PEFT's B factor is a permuted view
     of lora_B.weight: its gradient then flows back through the view without a copy)."""
@@ -600,7 +633,11 @@ class _MoEExpertsFunction(torch.autograd.Function):
         if not routing.is_contiguous():
             routing = routing.contiguous()
         plan = _Plan(top_k_index, num_experts, _block_m(num_tokens * top_k, num_experts, x.device))
-        gu_lora = (gu_a, gu_b, gu_scale) if gu_a is not None else None
+        # B factors as rank-major copies (see _rank_major): the kernels read them, the
+        # originals only give their gradients' layout.
+        gu_bk = _rank_major(gu_b, x.dtype) if gu_b is not None else None
+        d_bk = _rank_major(d_b, x.dtype) if d_b is not None else None
+        gu_lora = (gu_a, gu_bk, gu_scale) if gu_a is not None else None
         gate_up, act, xa = _up_forward(x, gate_up_proj, plan, gu_lora)
         d_rank = d_a.shape[1] if d_a is not None else 0
         wxa2 = torch.empty(plan.num_rows, d_rank, device=x.device, dtype=x.dtype)
@@ -609,23 +646,23 @@ class _MoEExpertsFunction(torch.autograd.Function):
         # read as [r, H]).
         lora = {}
         if d_a is not None:
-            lora = {"lora_mode": 1, "la": d_a, "lb": d_b, "low": wxa2, "scale": d_scale,
+            lora = {"lora_mode": 1, "la": d_a, "lb": d_bk, "low": wxa2, "scale": d_scale,
                     "rank": d_rank, "la_strides_ekr": (d_a.stride(0), d_a.stride(2), d_a.stride(1)),
-                    "lb_strides_ern": (d_b.stride(0), d_b.stride(2), d_b.stride(1))}
+                    "lb_strides_ern": (d_bk.stride(0), d_bk.stride(2), d_bk.stride(1))}
         out_flat = _scatter(act, down_proj, down_proj.stride(), hidden, plan, routing=routing,
                             **lora)
         del act
         y = _combine(out_flat, routing, num_tokens, hidden, top_k, x.dtype)
         ctx.save_for_backward(x, routing, gate_up_proj, down_proj, gate_up, xa, wxa2, gu_a, gu_b,
-                              d_a, d_b, *plan.tensors())
+                              d_a, d_b, gu_bk, d_bk, *plan.tensors())
         ctx.meta = (num_tokens, top_k, plan.block_m, gu_scale, d_scale, top_k_weights.shape,
                     top_k_weights.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, routing, gate_up_proj, down_proj, gate_up, xa, wxa2, gu_a, gu_b, d_a, d_b,
-         *plan_tensors) = ctx.saved_tensors
+        (x, routing, gate_up_proj, down_proj, gate_up, xa, wxa2, gu_a, gu_b, d_a, d_b, gu_bk,
+         d_bk, *plan_tensors) = ctx.saved_tensors
         num_tokens, top_k, block_m, gu_scale, d_scale, weights_shape, weights_dtype = ctx.meta
         plan = _Plan.from_tensors(plan_tensors, num_tokens * top_k, block_m)
         need = ctx.needs_input_grad
@@ -636,35 +673,40 @@ class _MoEExpertsFunction(torch.autograd.Function):
         gu_rank = gu_a.shape[1] if gu_a is not None else 0
 
         # 5. d gate_up, d routing weights, w * act (and the LoRA low-rank rows)
+        # LoRA variants carry extra loads, dots and registers: tuned on their own.
         kernel, meta = _launcher(_moe_down_bwd_kernel, "down_bwd", _DOWN_BWD_CONFIGS,
-                                 ["inter", "hidden", "BLOCK_M"], device,
-                                 reset_to_zero=["DW_PART", "DYB_GU_PART"])
+                                 ["inter", "hidden", "BLOCK_M", "DOWN_LORA", "GATE_UP_LORA"],
+                                 device, reset_to_zero=["DW_PART", "DYB_GU_PART"])
         block_n_for = lambda m: (meta or m)["BLOCK_N"]  # noqa: E731
-        # Partial sums over column blocks: sized for the smallest BLOCK_N any config uses.
+        # Partial sums over column blocks: sized for the smallest BLOCK_N any config uses. The
+        # launch writes every row of its first cdiv(inter, BLOCK_N) blocks and nothing else, so
+        # the buffers are not zeroed and only those blocks are summed (at T 32768 the gate_up
+        # LoRA's [24, TK, r] fp32 partials are 0.4 GB: zeroing all and summing all cost ~0.2 ms).
         max_col_blocks = triton.cdiv(inter, min([c["BLOCK_N"] for c in _DOWN_BWD_CONFIGS]
                                                 + [meta.get("BLOCK_N", 1 << 30)]))
-        dw_part = torch.zeros(max_col_blocks, num_rows, device=device, dtype=torch.float32)
+        dw_part = torch.empty(max_col_blocks, num_rows, device=device, dtype=torch.float32)
         d_gate_up = torch.empty_like(gate_up)
         wact = torch.empty(num_rows, inter, device=device, dtype=x.dtype)
         dyb = torch.empty(num_rows, d_rank, device=device, dtype=x.dtype)
-        dyb_gu_part = torch.zeros(max_col_blocks if gu_a is not None else 0, num_rows, gu_rank,
+        dyb_gu_part = torch.empty(max_col_blocks if gu_a is not None else 0, num_rows, gu_rank,
                                   device=device, dtype=torch.float32)
         dummy = x
         grid = lambda m: (plan.num_blocks * triton.cdiv(inter, block_n_for(m)),)  # noqa: E731
         kernel[grid](
             dy, dy.stride(0), plan.token, plan.order, plan.block_expert, plan.block_row,
             plan.offsets, down_proj, down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-            *((d_b, d_b.stride(0), d_b.stride(1), d_b.stride(2)) if d_b is not None else (dummy, 0, 0, 0)),
+            *((d_bk, *d_bk.stride()) if d_bk is not None else (dummy, 0, 0, 0)),
             *((d_a, d_a.stride(0), d_a.stride(1), d_a.stride(2)) if d_a is not None else (dummy, 0, 0, 0)),
-            *((gu_b, gu_b.stride(0), gu_b.stride(1), gu_b.stride(2)) if gu_b is not None else (dummy, 0, 0, 0)),
+            *((gu_bk, *gu_bk.stride()) if gu_bk is not None else (dummy, 0, 0, 0)),
             routing, gate_up, d_gate_up, wact, dw_part, dyb, dyb_gu_part, d_scale, num_experts,
             num_rows, hidden, inter, d_rank, gu_rank, DOWN_LORA=d_a is not None,
             GATE_UP_LORA=gu_a is not None, PRECISION=_precision(x.dtype),
             EVEN_K=_even_k(hidden, meta), BLOCK_M=block_m,
             BLOCK_R=_rank_block(max(d_rank, gu_rank)), **meta)
+        col_blocks = triton.cdiv(inter, _launched_meta(kernel, meta)["BLOCK_N"])
         d_weights = None
         if need[2]:
-            d_weights = dw_part.sum(0).view(weights_shape).to(weights_dtype)
+            d_weights = dw_part[:col_blocks].sum(0).view(weights_shape).to(weights_dtype)
         del dw_part
 
         # 7a. the down projection's weight gradients, while w * act exists
@@ -684,7 +726,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         # 6. dx: d gate_up @ gate_up_proj[e] (+ LoRA) to the flat slots, summed per token.
         # gate_up_proj [E, 2I, H]: (n, k) = (h, j). LoRA: + (d gate_up B) A, A [E, r, H].
         dx = None
-        dyb_gu = dyb_gu_part.sum(0).to(x.dtype) if gu_a is not None else None
+        dyb_gu = dyb_gu_part[:col_blocks].sum(0).to(x.dtype) if gu_a is not None else None
         del dyb_gu_part
         if need[0]:
             lora = {}
@@ -782,11 +824,20 @@ def moe_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch
         return moe_experts_reference(x.to(dtype), top_k_index, top_k_weights,
                                      gate_up_proj.to(dtype), down_proj.to(dtype),
                                      gate_up_lora=gate_up_lora, down_lora=down_lora).to(out_dtype)
+    # A LoRA of scale 0 adds nothing, and the kernels divide by the scale (in-place epilogue
+    # accumulation, _moe_up_fwd_kernel): it is left out, its factors getting zero gradients.
+    idle = []
+    if gate_up_lora is not None and float(gate_up_lora[2]) == 0.0:
+        idle, gate_up_lora = idle + list(gate_up_lora[:2]), None
+    if down_lora is not None and float(down_lora[2]) == 0.0:
+        idle, down_lora = idle + list(down_lora[:2]), None
     gu_a, gu_b, gu_scale = gate_up_lora if gate_up_lora is not None else (None, None, 0.0)
     d_a, d_b, d_scale = down_lora if down_lora is not None else (None, None, 0.0)
     with torch.autocast(device_type, enabled=False):
         y = _apply(x.to(dtype).contiguous(), top_k_index, top_k_weights, gate_up_proj.to(dtype),
                    down_proj.to(dtype), gu_a, gu_b, d_a, d_b, float(gu_scale), float(d_scale))
+    for factor in idle:
+        y = y + 0.0 * factor.sum()
     return y.to(out_dtype)
 
 
