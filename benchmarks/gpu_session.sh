@@ -15,6 +15,7 @@
 #                                           # S1 with tunegraph-compile-ro
 #   bash benchmarks/gpu_session.sh moe      # ~9 min: M1 (+ LoRA profile), moe/flce gpu tests |
 #                                           # S1 --profile with tunegraph-compile-ro (dynamo logs)
+#   bash benchmarks/gpu_session.sh s1k2     # ~8 min: K2, flce gpu tests | S1 (all its rows)
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -102,6 +103,20 @@ moe_lane1() {
   mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
 }
 
+s1k2_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step K2 200 python3 benchmarks/k2_flce.py --out "$OUT/K2.json"
+  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -rfE \
+    tests/kernels/test_fused_linear_cross_entropy.py tests/ops/test_compiled_attention.py -m gpu
+}
+
+s1k2_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  export TORCH_LOGS="graph_breaks,recompiles,perf_hints"
+  step S1 540 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 300
+  mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
@@ -116,6 +131,10 @@ elif [ "${1:-}" = host ]; then
 elif [ "${1:-}" = moe ]; then
   moe_lane0 &
   moe_lane1 &
+  wait
+elif [ "${1:-}" = s1k2 ]; then
+  s1k2_lane0 &
+  s1k2_lane1 &
   wait
 elif [ "${1:-}" = flce ]; then
   flce_lane0 &

@@ -13,8 +13,8 @@ Providers, side by side in one process, interleaved (order reversed every repeat
 - compile: that function through torch.compile (Inductor, default mode, static shapes).
 - liger: LigerFusedLinearCrossEntropyFunction with its defaults, when liger_kernel imports.
 - tunegraph: tunegraph.kernels.fused_linear_cross_entropy with its defaults.
-- tunegraph-chunk4x: the same with 4x the tokens per chunk (not a peer, not the tunegraph row:
-  it shows what the default's memory costs in time).
+- tunegraph-liger-chunks: the same with Liger's chunk size (a quarter of tunegraph's default;
+  not a peer, not the tunegraph row: it shows what Liger's memory costs in time).
 Each provider is first checked on fresh inputs against an fp32 reference (the same bf16 inputs
 upcast, TF32 off), with the caching allocator's free blocks filled with NaN so that an unwritten
 element shows; a tunegraph result outside the tests' bf16 tolerances stops the run. Times:
@@ -71,7 +71,7 @@ def liger_function():
     return LigerFusedLinearCrossEntropyFunction
 
 
-def provider_functions(liger, chunk4x: int) -> dict:
+def provider_functions(liger, liger_chunk: int) -> dict:
     fns = {"eager": eager_loss, "compile": torch.compile(eager_loss, dynamic=False)}
     if liger is not None:
         def liger_loss(hidden, weight, labels):
@@ -79,8 +79,8 @@ def provider_functions(liger, chunk4x: int) -> dict:
             return out[0] if isinstance(out, tuple) else out
         fns["liger"] = liger_loss
     fns["tunegraph"] = lambda h, w, y: flce.fused_linear_cross_entropy(h, w, y)
-    fns["tunegraph-chunk4x"] = lambda h, w, y: flce.fused_linear_cross_entropy(
-        h, w, y, chunk_tokens=chunk4x)
+    fns["tunegraph-liger-chunks"] = lambda h, w, y: flce.fused_linear_cross_entropy(
+        h, w, y, chunk_tokens=liger_chunk)
     return fns
 
 
@@ -192,7 +192,8 @@ def main() -> None:
         hidden_size, vocab = map(int, shape.split("x"))
         tokens = options.tokens
         chunk = flce._chunk_tokens(tokens, hidden_size, vocab, 0)
-        fns = provider_functions(liger, chunk4x=4 * chunk)
+        liger_chunk = flce._chunk_tokens(tokens, hidden_size, vocab, 0, factor=1)
+        fns = provider_functions(liger, liger_chunk=liger_chunk)
         workload = f"{tokens} tokens x H{hidden_size} x V{vocab} bf16 fwd+bwd"
         flops = 6 * tokens * hidden_size * vocab
         floor_ms = flops / (MATMUL_TFLOPS * 1e12) * 1e3
@@ -215,7 +216,7 @@ def main() -> None:
                 samples[name] += triton.testing.do_bench(
                     lambda fn=fns[name], h=hidden, w=weight, y=labels: step(fn, h, w, y), warmup=100,
                     rep=options.rep_ms, grad_to_none=[hidden, weight], return_mode="all")
-        for label, size in (("tunegraph", chunk), ("tunegraph-chunk4x", 4 * chunk)):
+        for label, size in (("tunegraph", chunk), ("tunegraph-liger-chunks", liger_chunk)):
             size = min(size, tokens)
             pieces = chunk_breakdown(hidden, weight, labels, size)
             gemm_tflop = 2 * size * hidden_size * vocab / 1e12

@@ -15,10 +15,13 @@ Providers, each in its own subprocess (Liger patches globally; the peak memory i
   loss with its own chunked, fused LM head, which is a default, not an option).
 - trl-liger: the same with use_liger_kernel=True (Liger's RMSNorm, SwiGLU, RoPE; TRL keeps its
   own fused LM head in place of Liger's FLCE).
+- trl-liger-compile (S1): the same with TrainingArguments' torch_compile (a peer).
 - tunegraph: tunegraph.ops.train.train(recipe, base_dir, tokenized_dir, out_dir, progress) on a
   recipe file (WORK/<bench>/tunegraph.yaml), as the training asset calls it: liger_rms_norm,
   liger_glu_activation, liger_rope, liger_fused_linear_cross_entropy on, and for S2
-  lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel. Its trained model is saved after the timed
+  lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel; for S1 also torch_compile: true with
+  torch_compile_mode: reduce-overhead (CUDA graphs). tunegraph-eager (S1): the same recipe
+  without torch_compile. Its trained model is saved after the timed
   steps, as the asset does (not timed). `--providers ...,tunegraph-chunk1024` adds tunegraph
   with the fused loss's chunks at 1024 tokens or more (its default rule gives 128 at 4096
   tokens; a diagnostic of the memory/time trade). `--providers ...,tunegraph-nolora` adds, for S2, the
@@ -80,22 +83,28 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "max_position_embeddings": 512, "rope_theta": 500000.0}
 LORA = {"r": 16, "alpha": 32}
 BENCHES = {
+    # compile_mode: tunegraph's recipe for the bench sets torch_compile: true and this
+    # torch_compile_mode (None: eager). S1's rows have one shape, so reduce-overhead replays
+    # CUDA graphs of the forward and backward; S2's LoRA kernels are eager-only.
     "s1": {"id": "S1", "shape": LLAMA_32_1B, "lora": False, "lr": 2e-5, "flops_per_param": 6,
-           "providers": ["hf", "trl", "trl-liger", "tunegraph"],
+           "providers": ["hf", "trl", "trl-liger", "trl-liger-compile", "tunegraph",
+                         "tunegraph-eager"],
+           "compile_mode": "reduce-overhead",
            "workload": "llama-3.2-1b full fine-tune, 1x4096 packed"},
     "s2": {"id": "S2", "shape": LLAMA_31_8B, "lora": True, "lr": 2e-4, "flops_per_param": 4,
-           "providers": ["trl", "trl-liger", "tunegraph"],
+           "providers": ["trl", "trl-liger", "tunegraph"], "compile_mode": None,
            "workload": "llama-3.1-8b LoRA r16 all-linear, 1x4096 packed"},
 }
-PEERS = ["hf", "trl", "trl-liger"]
+# trl-liger-compile: TRL + Liger with TrainingArguments' torch_compile (what a TRL user would
+# switch on beside tunegraph's compiled S1 row): a peer.
+PEERS = ["hf", "trl", "trl-liger", "trl-liger-compile"]
 # tunegraph-nolora (S2, on request): tunegraph without the lora_*_kernel keys, to show what
 # they add; neither a peer nor the tunegraph row.
-# tunegraph-compile and trl-liger-compile (on request): the same with torch_compile: true (the
-# recipe key; TrainingArguments' torch_compile for TRL), side by side: diagnostic rows;
-# tunegraph-compile-ro adds torch_compile_mode: reduce-overhead (CUDA graphs of the forward
-# and backward: packed rows have one shape, so the host launches each graph once per step).
-PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
-                     "tunegraph-compile-ro", "trl-liger-compile"]
+# tunegraph-eager: tunegraph's recipe without torch_compile (S1's tunegraph row compiles);
+# tunegraph-compile / tunegraph-compile-ro (on request): torch_compile: true with the default
+# mode / reduce-overhead: diagnostic rows, neither a peer nor the tunegraph row.
+PROVIDERS = PEERS + ["tunegraph", "tunegraph-eager", "tunegraph-nolora", "tunegraph-chunk1024",
+                     "tunegraph-compile", "tunegraph-compile-ro"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -179,7 +188,7 @@ def prepare(work: Path, cfg: dict[str, Any]) -> None:
 
 
 def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
-                 compile_model: bool = False, compile_mode: str | None = None) -> Path:
+                 compile_mode: str | None = None) -> Path:
     """tunegraph's recipe for this benchmark: the shared settings in its keys, kernels on."""
     import yaml
 
@@ -193,9 +202,9 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
               "bf16": cfg["bf16"], "attn_implementation": "sdpa", "gradient_checkpointing": False,
               "val_set_size": 0, "logging_steps": 1, "seed": SEED,
               **{key: True for key in KERNEL_KEYS}}
-    if compile_model:
+    if compile_mode is not None:
         recipe["torch_compile"] = True
-        if compile_mode:
+        if compile_mode != "default":
             recipe["torch_compile_mode"] = compile_mode
     if cfg["lora"]:
         recipe.update(adapter="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
@@ -358,9 +367,9 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
 
         flce._MIN_CHUNK_TOKENS = 1024
     recipe = load_recipe(write_recipe(
-        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024"),
-        compile_model=name in ("tunegraph-compile", "tunegraph-compile-ro"),
-        compile_mode="reduce-overhead" if name == "tunegraph-compile-ro" else None))
+        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-eager", "tunegraph-chunk1024"),
+        compile_mode={"tunegraph": cfg.get("compile_mode"), "tunegraph-compile": "default",
+                      "tunegraph-compile-ro": "reduce-overhead"}.get(name)))
     lora_on = recipe.kernel_options().lora_on
     functions = {"apply_kernels": kernels.apply_kernels}
     if lora_on:

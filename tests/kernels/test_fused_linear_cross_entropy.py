@@ -694,3 +694,18 @@ def test_gpu_patched_llama_peak_memory_below_logits():
         assert (output.logits is None) == patched
     logits_bytes = 2 * 1024 * 32000 * 2
     assert peaks[True] < logits_bytes < peaks[False], (peaks, logits_bytes)
+
+
+@pytest.mark.parametrize(("tokens", "hidden", "vocab", "liger", "ours"), [
+    (16384, 4096, 128256, 512, 2048),   # K2a
+    (16384, 2304, 256000, 256, 1024),   # K2b
+    (4096, 2048, 128256, 128, 512),     # S1
+    (4096, 4096, 128256, 128, 512),     # S2
+    (100, 64, 509, 100, 100),           # fewer tokens than the 128-token floor: one chunk
+])
+def test_chunk_rule_is_four_times_ligers(tokens, hidden, vocab, liger, ours):
+    """The [C, V] buffer: Liger's rule times _CHUNK_BUFFER_FACTOR (fewer re-writes of
+    grad_weight; benchmarks/NOTES.md, K2), at least 128 tokens, at most all of them."""
+    assert flce._chunk_tokens(tokens, hidden, vocab, 0, factor=1) == liger
+    assert flce._chunk_tokens(tokens, hidden, vocab, 0) == ours
+    assert flce._chunk_tokens(tokens, hidden, vocab, 77) == min(77, tokens)

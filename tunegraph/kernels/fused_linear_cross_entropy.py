@@ -13,8 +13,8 @@ blocks of BLOCK_V with an online (running max, running sum) logsumexp, writes th
 and logsumexp and, when gradients are wanted, overwrites the logits in place with
 d loss / d logits; two more cuBLAS products turn that into the chunk's grad_hidden rows and add
 its share of grad_weight. Only the [C, V] buffer exists at a time; C is chosen so that it holds
-about as many elements as hidden does (Liger's rule, so memory matches its FLCE; at least 128
-tokens). The products stay in cuBLAS (790 TFLOP/s at 8192^3 on this workplace's H200) rather
+about four times as many elements as hidden does (Liger's rule times 4: `_CHUNK_BUFFER_FACTOR`
+says why; at least 128 tokens; `chunk_tokens` sets it). The products stay in cuBLAS (790 TFLOP/s at 8192^3 on this workplace's H200) rather
 than a Triton tl.dot kernel with a logsumexp epilogue: that would save one of the six passes over
 the chunk (4.2 GB at K2's 16k x 128256: ~1 ms of ~75), for a matrix kernel that would first have
 to match cuBLAS.
@@ -76,6 +76,12 @@ _MIN_CHUNK_TOKENS = 128
 # additions at 168 TFLOP/s, and slices cut the step to 101 ms; K2b's 256-token chunks (16384
 # tokens, H 2304, V 256000) ran 134 ms added per chunk, 139 ms sliced.
 _SLICED_WEIGHT_GRAD_BELOW = 256
+# The chunk's [C, V] buffer holds about this many times hidden's elements. Each chunk re-reads and
+# re-writes all of grad_weight (2·V·H·2 bytes: 2.1 GB at K2's V 128256, H 4096), so fewer,
+# larger chunks move less: on an H200 (2026-11-30, K2) 4x Liger's chunk (factor 1) took 81.8 /
+# 102.6 ms against 91.7 / 133.0 ms, for 1.63 / 1.70 GB of peak memory against 1.26 / 1.32 GB
+# (hidden and the two gradients included; the full bf16 logits alone would be 4.0 / 7.8 GB).
+_CHUNK_BUFFER_FACTOR = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,13 +228,15 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Host side: the chunk loop.
 # ----------------------------------------------------------------------------------------------
-def _chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int, chunk_tokens: int) -> int:
+def _chunk_tokens(num_tokens: int, hidden_size: int, vocab_size: int, chunk_tokens: int,
+                  factor: int = _CHUNK_BUFFER_FACTOR) -> int:
     """Tokens per chunk: `chunk_tokens` if set, else the power of two that makes the [C, V]
-    buffer about hidden's size: C = next_pow2(N / ceil(V / H)) (Liger's rule: the same memory)."""
+    buffer about `factor` times hidden's size: C = factor * next_pow2(N / ceil(V / H)) (factor 1
+    is Liger's rule, its memory)."""
     if chunk_tokens > 0:
         return max(1, min(chunk_tokens, num_tokens))
     ratio = -(-vocab_size // hidden_size)
-    chunk = 1 << max(0, (-(-num_tokens // ratio) - 1).bit_length())
+    chunk = factor * (1 << max(0, (-(-num_tokens // ratio) - 1).bit_length()))
     return max(1, min(num_tokens, max(chunk, _MIN_CHUNK_TOKENS)))
 
 

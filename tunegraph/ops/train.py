@@ -36,6 +36,7 @@ from transformers import (
 
 from tunegraph.config import Recipe
 from tunegraph.ops.base_model import load_model, load_tokenizer
+from tunegraph.ops.compiled_attention import causal_sdpa_under_compile
 from tunegraph.ops.distributed import sharding_arguments
 from tunegraph.ops.packed_attention import PackedCollator
 from tunegraph.ops.stream import PretrainingStream, is_stream
@@ -95,11 +96,16 @@ class PadCollator:
     """Right-pads input_ids with the pad token and labels with -100, and builds attention masks.
 
     Batches are as wide as their longest row, or exactly `pad_to` tokens when it is given
-    (`pad_to_sequence_len`: one shape for every batch)."""
+    (`pad_to_sequence_len`: one shape for every batch). `mask_only_padded`: a batch in which no
+    row is padded has no attention_mask (all ones means none), so transformers' SDPA path runs
+    `is_causal` flash attention without first reading the mask on the host (a sync per
+    forward), also under torch.compile (tunegraph.ops.compiled_attention)."""
 
-    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to: int | None = None,
+                 mask_only_padded: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
+        self.mask_only_padded = mask_only_padded
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -114,6 +120,8 @@ class PadCollator:
             ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             mask[i, :n] = 1
+        if self.mask_only_padded and all(len(r["input_ids"]) == width for r in rows):
+            return {"input_ids": ids, "labels": labels}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -124,7 +132,7 @@ def collator_for(recipe: Recipe, pad_token_id: int, attn_implementation: str | N
     pad_to = recipe.sequence_len if recipe.pad_to_sequence_len else None
     if recipe.sample_packing or recipe.packs_eval or recipe.pretraining_dataset:
         return PackedCollator(pad_token_id, attn_implementation, pad_to)
-    return PadCollator(pad_token_id, pad_to)
+    return PadCollator(pad_token_id, pad_to, mask_only_padded=True)
 
 
 def training_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, tokenized_dir: Path
@@ -411,7 +419,8 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
     # A checkpoint left in out_dir by a failed attempt: resume from it (weights, optimizer,
     # scheduler, RNG and data position), so a retry continues instead of starting over.
     resume_from = last_complete_checkpoint(Path(args.output_dir))
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with causal_sdpa_under_compile(recipe.torch_compile):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     for extra in extra_callbacks:
         if isinstance(extra, LossWatchdogCallback):
             extra.raise_if_tripped()
