@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_session.sh moe      # ~9 min: M1 (+ LoRA profile), moe/flce gpu tests |
 #                                           # S1 --profile with tunegraph-compile-ro (dynamo logs)
 #   bash benchmarks/gpu_session.sh s1k2     # ~8 min: K2, flce gpu tests | S1 (all its rows)
+#   bash benchmarks/gpu_session.sh final    # ~7 min: K1, every gpu test | S1 (+ compile-ro row)
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -117,6 +118,21 @@ s1k2_lane1() {
   mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
 }
 
+final_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step K1 90 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels \
+    tests/ops/test_train_progress.py tests/ops/test_compiled_attention.py -m gpu
+}
+
+final_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  export TORCH_LOGS="graph_breaks,recompiles,perf_hints"
+  step S1 450 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 300 \
+    --providers hf,trl,trl-liger,trl-liger-compile,tunegraph,tunegraph-compile-ro
+  mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
@@ -135,6 +151,10 @@ elif [ "${1:-}" = moe ]; then
 elif [ "${1:-}" = s1k2 ]; then
   s1k2_lane0 &
   s1k2_lane1 &
+  wait
+elif [ "${1:-}" = final ]; then
+  final_lane0 &
+  final_lane1 &
   wait
 elif [ "${1:-}" = flce ]; then
   flce_lane0 &

@@ -19,13 +19,12 @@ Providers, each in its own subprocess (Liger patches globally; the peak memory i
 - tunegraph: tunegraph.ops.train.train(recipe, base_dir, tokenized_dir, out_dir, progress) on a
   recipe file (WORK/<bench>/tunegraph.yaml), as the training asset calls it: liger_rms_norm,
   liger_glu_activation, liger_rope, liger_fused_linear_cross_entropy on, and for S2
-  lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel; for S1 also torch_compile: true with
-  torch_compile_mode: reduce-overhead (CUDA graphs). tunegraph-eager (S1): the same recipe
-  without torch_compile. Its trained model is saved after the timed
-  steps, as the asset does (not timed). `--providers ...,tunegraph-chunk1024` adds tunegraph
-  with the fused loss's chunks at 1024 tokens or more (its default rule gives 128 at 4096
-  tokens; a diagnostic of the memory/time trade). `--providers ...,tunegraph-nolora` adds, for S2, the
-  same recipe without the lora_*_kernel keys (a diagnostic row, not compared).
+  lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel. Its trained model is saved after the timed
+  steps, as the asset does (not timed). Diagnostic rows on request (`--providers ...,NAME`),
+  neither peers nor the tunegraph row: tunegraph-compile-ro, the same recipe with
+  torch_compile: true and torch_compile_mode: reduce-overhead; tunegraph-chunk1024, the fused
+  loss's chunks at 1024 tokens or more (its default rule gives 512 at 4096 tokens);
+  tunegraph-nolora (S2), the recipe without the lora_*_kernel keys.
 Shared by all: the same rows (WORK/<bench>/tokenized/train.parquet: one 4096-token sequence per
 row, token ids drawn from a Zipf law over the vocabulary so the loss moves, labels = input_ids,
 no padding, full causal attention), micro-batch 1, no gradient accumulation, fused AdamW, lr
@@ -83,16 +82,11 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "max_position_embeddings": 512, "rope_theta": 500000.0}
 LORA = {"r": 16, "alpha": 32}
 BENCHES = {
-    # compile_mode: tunegraph's recipe for the bench sets torch_compile: true and this
-    # torch_compile_mode (None: eager). S1's rows have one shape, so reduce-overhead replays
-    # CUDA graphs of the forward and backward; S2's LoRA kernels are eager-only.
     "s1": {"id": "S1", "shape": LLAMA_32_1B, "lora": False, "lr": 2e-5, "flops_per_param": 6,
-           "providers": ["hf", "trl", "trl-liger", "trl-liger-compile", "tunegraph",
-                         "tunegraph-eager"],
-           "compile_mode": "reduce-overhead",
+           "providers": ["hf", "trl", "trl-liger", "trl-liger-compile", "tunegraph"],
            "workload": "llama-3.2-1b full fine-tune, 1x4096 packed"},
     "s2": {"id": "S2", "shape": LLAMA_31_8B, "lora": True, "lr": 2e-4, "flops_per_param": 4,
-           "providers": ["trl", "trl-liger", "tunegraph"], "compile_mode": None,
+           "providers": ["trl", "trl-liger", "tunegraph"],
            "workload": "llama-3.1-8b LoRA r16 all-linear, 1x4096 packed"},
 }
 # trl-liger-compile: TRL + Liger with TrainingArguments' torch_compile (what a TRL user would
@@ -100,11 +94,11 @@ BENCHES = {
 PEERS = ["hf", "trl", "trl-liger", "trl-liger-compile"]
 # tunegraph-nolora (S2, on request): tunegraph without the lora_*_kernel keys, to show what
 # they add; neither a peer nor the tunegraph row.
-# tunegraph-eager: tunegraph's recipe without torch_compile (S1's tunegraph row compiles);
-# tunegraph-compile / tunegraph-compile-ro (on request): torch_compile: true with the default
-# mode / reduce-overhead: diagnostic rows, neither a peer nor the tunegraph row.
-PROVIDERS = PEERS + ["tunegraph", "tunegraph-eager", "tunegraph-nolora", "tunegraph-chunk1024",
-                     "tunegraph-compile", "tunegraph-compile-ro"]
+# tunegraph-compile / tunegraph-compile-ro (on request): tunegraph's recipe with torch_compile:
+# true, default mode / reduce-overhead (CUDA graphs): diagnostic rows, neither a peer nor the
+# tunegraph row.
+PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
+                     "tunegraph-compile-ro"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -367,8 +361,8 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
 
         flce._MIN_CHUNK_TOKENS = 1024
     recipe = load_recipe(write_recipe(
-        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-eager", "tunegraph-chunk1024"),
-        compile_mode={"tunegraph": cfg.get("compile_mode"), "tunegraph-compile": "default",
+        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024"),
+        compile_mode={"tunegraph-compile": "default",
                       "tunegraph-compile-ro": "reduce-overhead"}.get(name)))
     lora_on = recipe.kernel_options().lora_on
     functions = {"apply_kernels": kernels.apply_kernels}
