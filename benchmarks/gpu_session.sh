@@ -16,7 +16,7 @@
 #   bash benchmarks/gpu_session.sh moe      # ~9 min: M1 (+ LoRA profile), moe/flce gpu tests |
 #                                           # S1 --profile with tunegraph-compile-ro (dynamo logs)
 #   bash benchmarks/gpu_session.sh s1k2     # ~8 min: K2, flce gpu tests | S1 (all its rows)
-#   bash benchmarks/gpu_session.sh final    # ~7 min: K1, every gpu test | S1 (+ compile-ro row)
+#   bash benchmarks/gpu_session.sh final    # ~8 min: K1, LoRA gpu tests, S2 | S1 (+ compile-ro row)
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -121,8 +121,9 @@ s1k2_lane1() {
 final_lane0() {
   export CUDA_VISIBLE_DEVICES=0
   step K1 90 python3 benchmarks/k1_norm_glu_rope.py --repeats 3 --out "$OUT/K1.json"
-  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels \
-    tests/ops/test_train_progress.py tests/ops/test_compiled_attention.py -m gpu
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora.py \
+    tests/kernels/test_kernels_init.py tests/ops/test_train_progress.py -m gpu
+  step S2 330 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
 }
 
 final_lane1() {
