@@ -1,4 +1,4 @@
-"""SDPA's fast path for compiled training: no materialised causal mask, no cuDNN attention.
+"""SDPA's causal fast path for compiled training: no materialised mask when none is needed.
 
     with causal_sdpa_under_compile(recipe.torch_compile):
         trainer.train()
@@ -11,10 +11,11 @@ compiled step builds a [B, 1, T, T] boolean mask and SDPA picks a masked kernel.
 benchmark (Llama-3.2-1B shape, 4096 tokens, H200) that was cuDNN's: 30.6 ms of attention a step
 against flash's 10.9 (benchmarks/NOTES.md, S1).
 
-A second difference: with the mask gone, torch 2.11's compiled SDPA still picked cuDNN's
+What this does not fix: with the mask gone, torch 2.11's compiled SDPA still picked cuDNN's
 attention (`aten._scaled_dot_product_cudnn_attention`, 30.6 ms a step) where eager picks flash
-(10.9 ms) on the same shapes, so while compiled training runs cuDNN's SDPA backend is off (torch's
-own switch, `torch.backends.cuda.enable_cudnn_sdp`), and flash or memory-efficient attention run.
+(10.9 ms) on the same shapes, and with cuDNN's backend switched off it picked memory-efficient
+attention, not flash (S1 compiled: 160 ms a step against 107.5; benchmarks/NOTES.md, S1). So
+compiled training is not the fast path on that torch; eager with the kernels is.
 
 This wraps transformers' own SDPA mask function for the length of training: for the one case
 eager mode skips on shapes and arguments alone (no padding mask, the plain causal mask function,
@@ -29,7 +30,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
 
@@ -66,19 +66,15 @@ class _CausalSkippingMask:
 
 @contextmanager
 def causal_sdpa_under_compile(enabled: bool = True) -> Iterator[None]:
-    """While inside, SDPA models skip the plain causal mask as in eager mode and cuDNN's SDPA
-    backend is off (see the module docstring); both are put back on exit. `enabled` False: no
-    change."""
+    """While inside, SDPA models skip the plain causal mask as in eager mode (see the module
+    docstring); transformers' mask function is put back on exit. `enabled` False: no change."""
     mapping = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
     original = mapping.get("sdpa")
     if not enabled or original is None or isinstance(original, _CausalSkippingMask):
         yield
         return
-    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
     mapping["sdpa"] = _CausalSkippingMask(original)
-    torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         yield
     finally:
         mapping["sdpa"] = original
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
