@@ -17,6 +17,7 @@
 #                                           # S1 --profile with tunegraph-compile-ro (dynamo logs)
 #   bash benchmarks/gpu_session.sh s1k2     # ~8 min: K2, flce gpu tests | S1 (all its rows)
 #   bash benchmarks/gpu_session.sh final    # ~8 min: K1, LoRA gpu tests, S2 | S1 (+ compile-ro row)
+#   bash benchmarks/gpu_session.sh check    # ~5 min: every gpu test | S1 --profile
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -134,6 +135,18 @@ final_lane1() {
   mkdir -p "$OUT/s1_logs" && cp /tmp/s_sft_step/s1/*.log "$OUT/s1_logs/" 2>/dev/null
 }
 
+check_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors \
+    tests/kernels tests/ops/test_train_progress.py tests/ops/test_packed_attention.py -m gpu
+}
+
+check_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 330 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1.json" --timeout 200 \
+    --providers hf,trl,trl-liger,trl-liger-compile,tunegraph
+}
+
 if [ "${1:-}" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
@@ -156,6 +169,10 @@ elif [ "${1:-}" = s1k2 ]; then
 elif [ "${1:-}" = final ]; then
   final_lane0 &
   final_lane1 &
+  wait
+elif [ "${1:-}" = check ]; then
+  check_lane0 &
+  check_lane1 &
   wait
 elif [ "${1:-}" = flce ]; then
   flce_lane0 &
