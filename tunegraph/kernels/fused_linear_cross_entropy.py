@@ -847,7 +847,9 @@ class _FusedForward:
         self.__doc__ = self.original.__doc__
 
     def __call__(self, *args, **kwargs):
-        labels = self.__signature__.bind_partial(*args, **kwargs).arguments.get("labels")
+        # Trainer passes keywords: skip binding the signature (tens of µs of host time per step).
+        labels = kwargs.get("labels") if "labels" in kwargs or not args else (
+            self.__signature__.bind_partial(*args, **kwargs).arguments.get("labels"))
         if labels is None or not self.model.training:
             return self.original(*args, **kwargs)
         return self._fused(args, kwargs)
