@@ -202,7 +202,9 @@ def test_softcap_and_logit_scale(dtype):
 def test_bf16_error_is_eager_pytorchs():
     """Against exact float64 logits, the bf16 loss and gradients are as far off as eager
     PyTorch's on the same inputs (bf16 product, F.cross_entropy on its float upcast: HF's path):
-    the error is bf16's, not the fusion's. Gradients get 2x: the interpreter truncates."""
+    the error is bf16's, not the fusion's. Gradients get 2.5x on the interpreter, which
+    truncates to bf16 (up to 1 ulp where rounding errs by half): over 40 fresh draws the ratio
+    ranged up to 2.1x, and 2x failed 2 of them."""
     hidden, weight, _, labels = make_inputs(128, 64, 1031, torch.bfloat16)
     h64, w64 = leaves(hidden.double(), weight.double())
     ref = F.cross_entropy(h64 @ w64.T, labels)
@@ -216,7 +218,7 @@ def test_bf16_error_is_eager_pytorchs():
         errors[name] = [rel_err(loss, ref), rel_err(h.grad, h64.grad), rel_err(w.grad, w64.grad)]
     (loss_err, *grad_errs), (eager_loss_err, *eager_grad_errs) = errors["fused"], errors["eager"]
     assert loss_err <= 1.01 * eager_loss_err + 1e-6, errors
-    assert all(ours <= 2 * eager for ours, eager in zip(grad_errs, eager_grad_errs, strict=True)), errors
+    assert all(ours <= 2.5 * eager for ours, eager in zip(grad_errs, eager_grad_errs, strict=True)), errors
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
