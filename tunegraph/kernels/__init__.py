@@ -8,7 +8,8 @@ Every kernel module has one shape (STYLE 6): `_<op>_fwd_kernel` / `_<op>_bwd_ker
 wrappers that launch them, `torch.library.custom_op`s with an autograd formula (so
 `torch.compile` sees one opaque op per call), an autograd.Function for eager calls (a custom
 op's dispatch costs the host more, and small calls are host-bound: benchmarks/host_overhead.py),
-and `<op>_reference`: the CPU fallback and the tests' oracle. Triton is optional: without it (or on CPU tensors) every op runs its reference.
+and `<op>_reference`: the CPU fallback and the tests' oracle. Triton is optional: without it (or
+on CPU tensors) every op runs its reference.
 Tests run the kernels on CPU tensors through Triton's interpreter (`TRITON_INTERPRET=1`, set
 before this package is imported).
 

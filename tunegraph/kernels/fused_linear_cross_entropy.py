@@ -14,7 +14,8 @@ and logsumexp and, when gradients are wanted, overwrites the logits in place wit
 d loss / d logits; two more cuBLAS products turn that into the chunk's grad_hidden rows and add
 its share of grad_weight. Only the [C, V] buffer exists at a time; C is chosen so that it holds
 about four times as many elements as hidden does (Liger's rule times 4: `_CHUNK_BUFFER_FACTOR`
-says why; at least 128 tokens; `chunk_tokens` sets it). The products stay in cuBLAS (790 TFLOP/s at 8192^3 on this workplace's H200) rather
+says why; at least 128 tokens; `chunk_tokens` sets it). The products stay in cuBLAS (790
+TFLOP/s at 8192^3 on this workplace's H200) rather
 than a Triton tl.dot kernel with a logsumexp epilogue: that would save one of the six passes over
 the chunk (4.2 GB at K2's 16k x 128256: ~1 ms of ~75), for a matrix kernel that would first have
 to match cuBLAS.
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunegraph.kernels import HAS_TRITON, use_triton
+from tunegraph.kernels import HAS_TRITON, cdiv, next_power_of_2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -251,7 +252,7 @@ def _sliced_weight_grad(hidden, weight, bias, labels, lse_N, grad_scale, scale_s
         buffer = hidden.new_empty(num_tokens, width)
     buffer = buffer.view(-1)
     config = _row_kernel_config(width)
-    grid = (triton.cdiv(num_tokens, config["BLOCK_N"]),)
+    grid = (cdiv(num_tokens, config["BLOCK_N"]),)
     for start in range(0, vocab_size, width):
         end = min(start + width, vocab_size)
         logits = buffer[: num_tokens * (end - start)].view(num_tokens, end - start)
@@ -266,7 +267,7 @@ def _sliced_weight_grad(hidden, weight, bias, labels, lse_N, grad_scale, scale_s
 def _row_kernel_config(vocab_size: int) -> dict[str, int]:
     """Tiles of ~8192 elements: one row of 8192 columns at LLM vocabularies (the grid then has C
     programs, 4 per multiprocessor at C = 512), up to 16 rows of a small vocabulary."""
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    block_v = min(_MAX_BLOCK_V, next_power_of_2(vocab_size))
     block_n = min(16, max(1, 8192 // block_v))
     num_warps = 16 if block_n * block_v >= 8192 else 8 if block_n * block_v >= 2048 else 4
     return dict(BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
@@ -314,7 +315,7 @@ def _flce_chunked(hidden, weight, bias, labels, *, ignore_index, label_smoothing
         hidden_chunk = hidden[start:end]
         logits = logits_buffer[: end - start]
         torch.mm(hidden_chunk, weight.t(), out=logits)
-        grid = (triton.cdiv(end - start, config["BLOCK_N"]),)
+        grid = (cdiv(end - start, config["BLOCK_N"]),)
         scale_arg = (lse_N if not chunk_grads  # a dummy: the kernel reads no scale then
                      else grad_scale[start:end] if scale_stride else grad_scale)
         if compute_stats:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunegraph.kernels import is_dense, tl, triton, use_triton
+from tunegraph.kernels import cdiv, is_dense, next_power_of_2, tl, triton, use_triton
 
 # Tiles for the Triton interpreter (CPU tests): small enough that the tests' odd sizes span
 # several row and column tiles (masked edges, per-column-block partial sums), large enough to
@@ -413,7 +413,7 @@ class _Plan:
         blocks = (counts + block_m - 1) // block_m
         block_end = torch.cumsum(blocks, 0)
         self.num_rows = num_tokens * top_k
-        self.num_blocks = triton.cdiv(self.num_rows, block_m) + num_experts  # >= sum(blocks)
+        self.num_blocks = cdiv(self.num_rows, block_m) + num_experts  # >= sum(blocks)
         tile = torch.arange(self.num_blocks, device=device)
         block_expert = torch.searchsorted(block_end, tile, right=True)  # E for padding tiles
         clamped = block_expert.clamp(max=num_experts - 1)
@@ -512,7 +512,7 @@ def _even_k(num_inner: int, meta: dict) -> bool:
 
 
 def _rank_block(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))  # tl.dot needs every dimension >= 16
+    return max(16, next_power_of_2(rank))  # tl.dot needs every dimension >= 16
 
 
 def _lora_parts(lora: LoRA | None, dummy: torch.Tensor):
@@ -531,7 +531,7 @@ def _up_forward(x, w, plan: _Plan, lora: LoRA | None):
     xa = torch.empty(num_rows, rank, device=x.device, dtype=x.dtype)
     kernel, meta = _launcher(_moe_up_fwd_kernel, "up_fwd", _UP_CONFIGS,
                              ["inter", "hidden", "BLOCK_M", "HAS_LORA"], x.device)
-    grid = lambda m: (plan.num_blocks * triton.cdiv(inter, (meta or m)["BLOCK_N"]),)  # noqa: E731
+    grid = lambda m: (plan.num_blocks * cdiv(inter, (meta or m)["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x, x.stride(0), plan.token, plan.block_expert, plan.block_row, plan.offsets,
                  w, *w.stride(), la, *la.stride(), lb, *lb.stride(), gate_up, act, xa, scale,
                  w.shape[0], hidden, inter, rank, HAS_LORA=lora is not None,
@@ -549,7 +549,7 @@ def _scatter(a, w, w_strides_nk, num_cols: int, plan: _Plan, *, lora_mode: int =
     out = torch.empty(plan.num_rows, num_cols, device=a.device, dtype=a.dtype)
     kernel, meta = _launcher(_moe_scatter_kernel, "scatter", _GEMM_CONFIGS,
                              ["num_cols", "num_inner", "BLOCK_M", "LORA"], a.device)
-    grid = lambda m: (plan.num_blocks * triton.cdiv(num_cols, (meta or m)["BLOCK_N"]),)  # noqa: E731
+    grid = lambda m: (plan.num_blocks * cdiv(num_cols, (meta or m)["BLOCK_N"]),)  # noqa: E731
     kernel[grid](a, a.stride(0), plan.order, plan.block_expert, plan.block_row, plan.offsets,
                  w, *w_strides_nk, a if la is None else la, *la_strides_ekr,
                  a if lb is None else lb, *lb_strides_ern, a if low is None else low,
@@ -563,7 +563,7 @@ def _scatter(a, w, w_strides_nk, num_cols: int, plan: _Plan, *, lora_mode: int =
 def _combine(out_flat, routing, num_tokens, hidden, top_k, dtype):
     y = torch.empty(num_tokens, hidden, device=out_flat.device, dtype=dtype)
     block_t, block_h = (16, 16) if out_flat.device.type != "cuda" else (8, 512)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     _moe_combine_fwd_kernel[grid](out_flat, routing, y, num_tokens, hidden, top_k,
                                   BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return y
@@ -582,8 +582,8 @@ def _wgrad(left, left_gather: bool, right, right_gather: bool, plan: _Plan, out:
     else:
         kernel, meta = _launcher(_moe_wgrad_bwd_kernel, name, _WGRAD_CONFIGS,
                                  ["num_m", "num_n"], out.device, token_tiled=False)
-    grid = lambda m: (triton.cdiv(num_m, (meta or m)["BLOCK_M"])  # noqa: E731
-                      * triton.cdiv(num_n, (meta or m)["BLOCK_N"]), num_experts)
+    grid = lambda m: (cdiv(num_m, (meta or m)["BLOCK_M"])  # noqa: E731
+                      * cdiv(num_n, (meta or m)["BLOCK_N"]), num_experts)
     kernel[grid](left, left.stride(0), right, right.stride(0), plan.token, plan.offsets,
                  plan.expert_order, out, *out_strides, scale, num_m, num_n,
                  L_GATHER=left_gather, R_GATHER=right_gather, PRECISION=_precision(right.dtype),
@@ -682,7 +682,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         # launch writes every row of its first cdiv(inter, BLOCK_N) blocks and nothing else, so
         # the buffers are not zeroed and only those blocks are summed (at T 32768 the gate_up
         # LoRA's [24, TK, r] fp32 partials are 0.4 GB: zeroing all and summing all cost ~0.2 ms).
-        max_col_blocks = triton.cdiv(inter, min([c["BLOCK_N"] for c in _DOWN_BWD_CONFIGS]
+        max_col_blocks = cdiv(inter, min([c["BLOCK_N"] for c in _DOWN_BWD_CONFIGS]
                                                 + [meta.get("BLOCK_N", 1 << 30)]))
         dw_part = torch.empty(max_col_blocks, num_rows, device=device, dtype=torch.float32)
         d_gate_up = torch.empty_like(gate_up)
@@ -691,7 +691,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
         dyb_gu_part = torch.empty(max_col_blocks if gu_a is not None else 0, num_rows, gu_rank,
                                   device=device, dtype=torch.float32)
         dummy = x
-        grid = lambda m: (plan.num_blocks * triton.cdiv(inter, block_n_for(m)),)  # noqa: E731
+        grid = lambda m: (plan.num_blocks * cdiv(inter, block_n_for(m)),)  # noqa: E731
         kernel[grid](
             dy, dy.stride(0), plan.token, plan.order, plan.block_expert, plan.block_row,
             plan.offsets, down_proj, down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
@@ -703,7 +703,7 @@ class _MoEExpertsFunction(torch.autograd.Function):
             GATE_UP_LORA=gu_a is not None, PRECISION=_precision(x.dtype),
             EVEN_K=_even_k(hidden, meta), BLOCK_M=block_m,
             BLOCK_R=_rank_block(max(d_rank, gu_rank)), **meta)
-        col_blocks = triton.cdiv(inter, _launched_meta(kernel, meta)["BLOCK_N"])
+        col_blocks = cdiv(inter, _launched_meta(kernel, meta)["BLOCK_N"])
         d_weights = None
         if need[2]:
             d_weights = dw_part[:col_blocks].sum(0).view(weights_shape).to(weights_dtype)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DataCollatorWithFlattening
 
@@ -47,6 +48,13 @@ def documents_of(row: dict[str, Any]) -> list[dict[str, list[int]]]:
         out.append({"input_ids": ids[start:start + length], "labels": labels[start:start + length]})
         start += length
     return out
+
+
+def token_tensor(values: Any) -> torch.Tensor:
+    """A row's token ids (a list, or an array) as int64, through numpy rather than torch.tensor
+    on a Python list (which infers the dtype element by element): collation runs on the main
+    process between optimizer steps, while the GPU waits (S1, benchmarks/NOTES.md)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def position_ids_for(document_lengths: list[int]) -> list[int]:
@@ -82,8 +90,8 @@ class PackedCollator:
         for i, row in enumerate(rows):
             lengths = list(row.get("document_lengths") or [len(row["input_ids"])])
             n = sum(lengths)
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
+            ids[i, :n] = token_tensor(row["input_ids"])
+            labels[i, :n] = token_tensor(row["labels"])
             starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
             labels[i, starts] = IGNORE_INDEX  # a document's first token is nobody's target
             # Padding restarts at 0 too: a segment of its own that no real token attends to.

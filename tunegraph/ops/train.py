@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -39,7 +38,7 @@ from tunegraph.config import Recipe
 from tunegraph.ops.base_model import load_model, load_tokenizer
 from tunegraph.ops.compiled_attention import causal_sdpa_under_compile
 from tunegraph.ops.distributed import sharding_arguments
-from tunegraph.ops.packed_attention import PackedCollator
+from tunegraph.ops.packed_attention import PackedCollator, token_tensor
 from tunegraph.ops.stream import PretrainingStream, is_stream
 from tunegraph.ops.tokenize import load_tokenized
 
@@ -93,13 +92,6 @@ def add_lora(recipe: Recipe, model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError(f"lora_target_modules: {exc}") from exc
 
 
-def _long_tensor(values: Any) -> torch.Tensor:
-    """A row's token ids as int64, through numpy: torch.tensor on a Python list of 4096 ints
-    takes ~0.7 ms (inferring the dtype) against ~0.14 ms here, and collation runs on the main
-    process between optimizer steps, while the GPU waits (S1, benchmarks/NOTES.md)."""
-    return torch.from_numpy(np.asarray(values, dtype=np.int64))
-
-
 class PadCollator:
     """Right-pads input_ids with the pad token and labels with -100, and builds attention masks.
 
@@ -125,8 +117,8 @@ class PadCollator:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
-            ids[i, :n] = _long_tensor(row["input_ids"])
-            labels[i, :n] = _long_tensor(row["labels"])
+            ids[i, :n] = token_tensor(row["input_ids"])
+            labels[i, :n] = token_tensor(row["labels"])
             mask[i, :n] = 1
         if self.mask_only_padded and all(len(r["input_ids"]) == width for r in rows):
             return {"input_ids": ids, "labels": labels}
