@@ -10,7 +10,11 @@ from transformers.masking_utils import (
     causal_mask_function,
 )
 
-from tunegraph.ops.compiled_attention import causal_sdpa_under_compile, plain_causal
+from tunegraph.ops.compiled_attention import (
+    _CausalSkippingMask,
+    causal_sdpa_under_compile,
+    plain_causal,
+)
 from tunegraph.ops.train import PadCollator
 
 
@@ -41,6 +45,26 @@ def test_the_context_wraps_and_restores_transformers_mask_function():
     assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
     with causal_sdpa_under_compile(enabled=False):
         assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is original
+
+
+def test_the_wrapper_decides_plain_causal_itself_and_passes_the_rest_on():
+    """transformers 5.19 (installed here) skips the plain causal mask under compile by itself,
+    so the compiled test below passes with or without the wrapper; 5.17 (the H200's) does not
+    (checked by hand with 5.17: a [B, 1, T, T] mask without the context, none with it). This
+    pins the wrapper's own part: no call into transformers for plain causal arguments, every
+    other call passed on unchanged."""
+    calls = []
+
+    def inner(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "mask"
+
+    wrapped = _CausalSkippingMask(inner)
+    plain = {"q_length": 6, "kv_length": 6, "attention_mask": None}
+    assert wrapped(**plain) is None and calls == []
+    padded = {**plain, "attention_mask": torch.ones(1, 6, dtype=torch.bool)}
+    assert wrapped(**padded) == "mask" and calls == [((), padded)]
+    assert wrapped(1, **plain) == "mask" and calls[-1] == ((1,), plain)  # positional: passed on
 
 
 def _sdpa_calls(model, input_ids, **kwargs):
