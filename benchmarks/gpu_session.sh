@@ -18,6 +18,9 @@
 #   bash benchmarks/gpu_session.sh s1k2     # ~8 min: K2, flce gpu tests | S1 (all its rows)
 #   bash benchmarks/gpu_session.sh final    # ~8 min: K1, LoRA gpu tests, S2 | S1 (+ compile-ro row)
 #   bash benchmarks/gpu_session.sh check    # ~5 min: every gpu test | S1 --profile
+#   bash benchmarks/gpu_session.sh master   # ~7 min: adamw/norm/master-weight tests | S1 with
+#                                           # tunegraph-fp32-weights
+# A mode is a pair of functions, MODE_lane0 and MODE_lane1, run side by side.
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -147,42 +150,35 @@ check_lane1() {
     --providers hf,trl,trl-liger,trl-liger-compile,tunegraph
 }
 
-if [ "${1:-}" = s2 ]; then
+master_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_adamw.py \
+    tests/kernels/test_patch.py tests/kernels/test_rms_norm.py \
+    tests/ops/test_train_master_weights.py tests/kernels/test_patch_training.py
+}
+
+master_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 540 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 300 \
+    --providers hf,trl,trl-liger,tunegraph,tunegraph-fp32-weights
+}
+
+mode=${1:-}
+if [ "$mode" = s2 ]; then
   export CUDA_VISIBLE_DEVICES=0
   step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
-elif [ "${1:-}" = profile ]; then
-  profile_lane0 &
-  profile_lane1 &
+elif [ -n "$mode" ] && declare -F "${mode}_lane0" > /dev/null; then
+  "${mode}_lane0" &
+  "${mode}_lane1" &
   wait
-elif [ "${1:-}" = host ]; then
-  host_lane0 &
-  host_lane1 &
-  wait
-elif [ "${1:-}" = moe ]; then
-  moe_lane0 &
-  moe_lane1 &
-  wait
-elif [ "${1:-}" = s1k2 ]; then
-  s1k2_lane0 &
-  s1k2_lane1 &
-  wait
-elif [ "${1:-}" = final ]; then
-  final_lane0 &
-  final_lane1 &
-  wait
-elif [ "${1:-}" = check ]; then
-  check_lane0 &
-  check_lane1 &
-  wait
-elif [ "${1:-}" = flce ]; then
-  flce_lane0 &
-  flce_lane1 &
-  wait
-else
+elif [ -z "$mode" ]; then
   python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'
   lane0 &
   lane1 &
   wait
+else
+  echo "gpu_session.sh: unknown mode '$mode'" >&2
+  exit 2
 fi
 cat "$OUT/steps.txt"
 # One archive of everything (logs, JSONs): the device tool returns a handful of files.

@@ -24,7 +24,10 @@ Providers, each in its own subprocess (Liger patches globally; the peak memory i
   neither peers nor the tunegraph row: tunegraph-compile-ro, the same recipe with
   torch_compile: true and torch_compile_mode: reduce-overhead; tunegraph-chunk1024, the fused
   loss's chunks at 1024 tokens or more (its default rule gives 512 at 4096 tokens);
-  tunegraph-nolora (S2), the recipe without the lora_*_kernel keys.
+  tunegraph-nolora (S2), the recipe without the lora_*_kernel keys; tunegraph-fp32-weights (S1),
+  the recipe without kernels.adamw_master_weights. The full fine-tune's tunegraph recipe sets
+  that key: bf16 linear weights with fp32 master weights in a fused AdamW
+  (tunegraph/kernels/adamw.py), the numbers of autocast over fp32 weights without its casts.
 Shared by all: the same rows (WORK/<bench>/tokenized/train.parquet: one 4096-token sequence per
 row, token ids drawn from a Zipf law over the vocabulary so the loss moves, labels = input_ids,
 no padding, full causal attention), micro-batch 1, no gradient accumulation, fused AdamW, lr
@@ -97,8 +100,11 @@ PEERS = ["hf", "trl", "trl-liger", "trl-liger-compile"]
 # tunegraph-compile / tunegraph-compile-ro (on request): tunegraph's recipe with torch_compile:
 # true, default mode / reduce-overhead (CUDA graphs): diagnostic rows, neither a peer nor the
 # tunegraph row.
+# tunegraph-fp32-weights (S1, on request): tunegraph's recipe without
+# kernels.adamw_master_weights (fp32 weights under autocast, as the peers train): what the
+# master-weights optimizer adds.
 PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
-                     "tunegraph-compile-ro"]
+                     "tunegraph-compile-ro", "tunegraph-fp32-weights"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -196,6 +202,9 @@ def write_recipe(work: Path, cfg: dict[str, Any], name: str, lora_kernels: bool,
               "bf16": cfg["bf16"], "attn_implementation": "sdpa", "gradient_checkpointing": False,
               "val_set_size": 0, "logging_steps": 1, "seed": SEED,
               **{key: True for key in KERNEL_KEYS}}
+    if not cfg["lora"] and cfg["bf16"] and name != "tunegraph-fp32-weights":
+        # bf16 working weights, fp32 masters in a fused AdamW: autocast's numbers (S1 notes).
+        recipe["kernels"] = {"adamw_master_weights": True}
     if compile_mode is not None:
         recipe["torch_compile"] = True
         if compile_mode != "default":
@@ -590,7 +599,9 @@ def run_bench(args: argparse.Namespace) -> int:
              "precision": ("fp32 (CPU dry run)" if not cfg["bf16"] else
                            "bf16 autocast over a bf16 frozen base, fp32 adapters (Trainer "
                            "bf16=True), every provider" if cfg["lora"] else
-                           "bf16 autocast over fp32 weights (Trainer bf16=True), every provider"),
+                           "bf16 autocast over fp32 weights (Trainer bf16=True) for the peers; "
+                           "tunegraph: bf16 linear weights with fp32 masters in its fused AdamW "
+                           "(kernels.adamw_master_weights), autocast's numbers"),
              "gradient_checkpointing": False, "pass_checks": checks,
              "versions": records[next(iter(records))]["versions"] if records else None,
              "skipped": skipped, "errors": errors}

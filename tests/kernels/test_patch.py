@@ -153,3 +153,46 @@ def test_data_parallel_replicas_use_their_own_weights(device):
     x = torch.randn(3, SMALL["hidden_size"], device=device)
     want = rms_norm_reference(x, replica._parameters["weight"], norm.variance_epsilon)
     assert rel_err(replica(x), want) < FP32_TOL
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+def test_norms_feeding_linear_layers_emit_the_autocast_dtype(model_type, device):
+    """Under bf16 autocast over fp32 weights, the pre-norms and the final norm store bf16 (the
+    bits autocast's cast before each linear layer gives); norms whose output meets the residual
+    (Gemma 2's post-norms) or RoPE (Qwen 3's q_norm/k_norm) keep HF's dtype. Loss and gradients stay
+    within bf16 rounding of HF's under the same autocast."""
+    hf = tiny_model(model_type, device)
+    patched = copy.deepcopy(hf)
+    apply_kernels(patched, KernelOptions(rms_norm=True))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    outputs: dict[str, dict[str, torch.Tensor]] = {"hf": {}, "patched": {}}
+    for key, model in (("hf", hf), ("patched", patched)):
+        for name, module in model.named_modules():
+            if "norm" in name.rsplit(".", 1)[-1]:
+                module.register_forward_hook(
+                    lambda _m, _i, out, name=name, key=key: outputs[key].__setitem__(name, out))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        want, got = loss_and_grads(hf, ids.to(device)), loss_and_grads(patched, ids.to(device))
+    linear_norms = {"llama": ("input_layernorm", "post_attention_layernorm", "norm"),
+                    "qwen3": ("input_layernorm", "post_attention_layernorm", "norm"),
+                    "gemma2": ("input_layernorm", "pre_feedforward_layernorm", "norm")}[model_type]
+    kept = {"llama": set(), "qwen3": {"q_norm", "k_norm"},
+            "gemma2": {"post_attention_layernorm", "post_feedforward_layernorm"}}[model_type]
+    seen = set()
+    for name, out in outputs["patched"].items():
+        short = name.rsplit(".", 1)[-1]
+        seen.add(short)
+        if short in linear_norms:  # HF: the fp32 residual in, fp32 out
+            assert (outputs["hf"][name].dtype, out.dtype) == (torch.float32, torch.bfloat16), name
+        else:  # HF's dtype, whatever its input's was (a bf16 projection's, for the post-norms)
+            assert out.dtype == outputs["hf"][name].dtype, name
+    assert seen == set(linear_norms) | kept
+    # The first norm reads the same embedding in both: its bf16 output is HF's, rounded (within
+    # one bf16 step: Triton's interpreter truncates to bf16 where a GPU rounds to nearest).
+    first = "model.layers.0.input_layernorm"
+    step = 2**-8 if device == "cuda" else 2**-7
+    torch.testing.assert_close(outputs["patched"][first],
+                               outputs["hf"][first].to(torch.bfloat16), rtol=step, atol=1e-6)
+    assert rel_err(got[0], want[0]) < 1e-2
+    for name, grad in want[2].items():
+        assert rel_err(got[2][name], grad) < 5e-2, name

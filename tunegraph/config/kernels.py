@@ -71,6 +71,14 @@ class KernelsConfig(StrictModel):
                                          "GEMMs that gather and scatter in the kernel "
                                          "(ScatterMoE-style), LoRA on expert weights fused in.")
 
+    adamw_master_weights: bool = Field(
+        False, description="bool, default false (tunegraph only; full fine-tunes with bf16 and "
+                           "optimizer adamw_torch or adamw_torch_fused): the linear layers' "
+                           "weights held in bf16 for the matmuls and fp32 master weights "
+                           "updated by one fused Triton AdamW with clipping folded in "
+                           "(tunegraph/kernels/adamw.py): the fp32-weights-under-autocast "
+                           "numbers without its per-step casts.")
+
     _recipe_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -92,7 +100,7 @@ class KernelsConfig(StrictModel):
 
     @property
     def any_on(self) -> bool:
-        return any(getattr(self, op) for op in KERNEL_KEYS)
+        return self.adamw_master_weights or any(getattr(self, op) for op in KERNEL_KEYS)
 
     @property
     def lora_on(self) -> bool:
@@ -106,7 +114,8 @@ class KernelsConcern(StrictModel):
                                                             "rms_norm, glu, rope, "
                                                             "fused_linear_cross_entropy, "
                                                             "lora_mlp, lora_qkv, lora_o, moe, "
-                                                            "each a bool (see KernelsConfig).")
+                                                            "adamw_master_weights, each a bool "
+                                                            "(see KernelsConfig).")
     liger_rms_norm: bool | None = Field(None, description="bool, default false: Axolotl's name "
                                                           "for kernels.rms_norm.")
     liger_glu_activation: bool | None = Field(None, description="bool, default false: Axolotl's "
@@ -168,5 +177,8 @@ class KernelsConcern(StrictModel):
             if self.kernels is not None and getattr(self.kernels, op):
                 setattr(options, op, True)
                 keys[op] = f"kernels.{op}"
+        if self.kernels is not None and self.kernels.adamw_master_weights:
+            options.adamw_master_weights = True
+            keys["adamw_master_weights"] = "kernels.adamw_master_weights"
         options._recipe_keys = keys
         return options

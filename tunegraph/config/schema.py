@@ -1042,6 +1042,28 @@ class Recipe(ModelConcern, TokenizerConcern, DataConcern, AdapterConcern, Traini
                              f"adapter: lora or turn {on[0]} off")
         return self
 
+    @model_validator(mode="after")
+    def _master_weights_setting(self) -> Recipe:
+        """kernels.adamw_master_weights replaces the fp32-weights-under-bf16-autocast path of a
+        full fine-tune's AdamW; anything else is a different path it does not implement."""
+        if not self.kernel_options().adamw_master_weights:
+            return self
+        key = "kernels.adamw_master_weights"
+        if self.is_lora:
+            raise ValueError(f"{key}: LoRA trains fp32 adapters over a frozen base (already in "
+                             f"bf16 under bf16: true); the option is for full fine-tunes: remove "
+                             f"it or adapter")
+        if self.fp16 or self.bf16 is False:
+            raise ValueError(f"{key}: needs bf16: true (or auto on a bf16 GPU); this recipe "
+                             f"trains in {'fp16' if self.fp16 else 'fp32'}")
+        if self.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(f"{key}: is an AdamW (the arithmetic of adamw_torch and "
+                             f"adamw_torch_fused); optimizer is {self.optimizer}")
+        if self.fsdp or self.deepspeed:
+            raise ValueError(f"{key}: not with {'fsdp' if self.fsdp else 'deepspeed'}, which "
+                             f"shard the parameters and optimizer state themselves")
+        return self
+
     def bind_source(self, name: str, source_path: Path | None,
                     off_keys: tuple[str, ...] = ()) -> Recipe:
         """Attach the recipe's name (asset-key prefix), the file it came from, and the Axolotl

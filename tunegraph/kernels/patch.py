@@ -74,11 +74,18 @@ class ModelKernels:
     norm_inplace_backward: bool  # every norm's output feeds linear layers only
     mlp: str
     attention: str
+    # Attribute names of the norms whose output feeds linear layers alone (the pre-norms and the
+    # final norm before lm_head): under autocast they emit the autocast dtype (_norm_forward).
+    linear_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm", "norm")
 
 
 def _family(prefix: str, gemma: bool = False, post_norms: bool = False) -> ModelKernels:
+    # Gemma 2/3: post_attention_layernorm is a post-norm added to the residual; the MLP's
+    # pre-norm is pre_feedforward_layernorm.
+    linear_norms = (("input_layernorm", "pre_feedforward_layernorm", "norm") if post_norms
+                    else ("input_layernorm", "post_attention_layernorm", "norm"))
     return ModelKernels(f"{prefix}RMSNorm", gemma, not post_norms, f"{prefix}MLP",
-                        f"{prefix}Attention")
+                        f"{prefix}Attention", linear_norms)
 
 
 SUPPORTED: dict[str, ModelKernels] = {
@@ -110,11 +117,23 @@ def _modules(model: torch.nn.Module, class_name: str) -> list[torch.nn.Module]:
 
 
 @functools.cache  # one function, so one patched class, per variant
-def _norm_forward(gemma: bool, inplace_backward: bool) -> Callable[..., torch.Tensor]:
+def _norm_forward(gemma: bool, inplace_backward: bool, feeds_linear: bool = False
+                  ) -> Callable[..., torch.Tensor]:
+    """The norm's forward on the kernel. `feeds_linear` (pre-norms, the final norm): under
+    autocast an fp32 input (the residual stream over fp32 weights) gives an output already in
+    the autocast dtype. Autocast would cast it before each linear layer (q, k and v: three
+    casts, three more in the backward); rounding in the kernel's store gives the same bits once.
+    The backward then sums the layers' input gradients in that dtype, not in fp32: rounding
+    that the kernels-on trajectory test bounds (tests/kernels/test_patch_training.py)."""
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         eps = self.eps if gemma else self.variance_epsilon
+        out_dtype = None
+        device = hidden_states.device.type
+        if (feeds_linear and hidden_states.dtype == torch.float32
+                and torch.is_autocast_enabled(device)):
+            out_dtype = torch.get_autocast_dtype(device)
         return rms_norm(hidden_states, self.weight, eps, gemma=gemma,
-                        inplace_backward=inplace_backward)
+                        inplace_backward=inplace_backward, out_dtype=out_dtype)
     return forward
 
 
@@ -195,10 +214,15 @@ def apply_kernels(model: torch.nn.Module, options: KernelSwitches) -> dict[str, 
                          f"{', '.join(SUPPORTED)}); remove {key} for this model")
     family = SUPPORTED.get(model_type)  # type: ignore[arg-type]
     if options.rms_norm:
-        norms = _modules(model, family.norm)
-        _require(norms, _recipe_key(options, "rms_norm"), model_type, family.norm)
-        _patch(norms, _norm_forward(family.gemma_norm, family.norm_inplace_backward))
-        patched["rms_norm"] = len(norms)
+        named = [(name, m) for name, m in model.named_modules()
+                 if type(m).__name__ == family.norm]
+        _require([m for _, m in named], _recipe_key(options, "rms_norm"), model_type,
+                 family.norm)
+        for feeds_linear in (False, True):
+            _patch([m for name, m in named
+                    if (name.rsplit(".", 1)[-1] in family.linear_norms) == feeds_linear],
+                   _norm_forward(family.gemma_norm, family.norm_inplace_backward, feeds_linear))
+        patched["rms_norm"] = len(named)
     if options.glu:
         key = _recipe_key(options, "glu")
         mlps = _modules(model, family.mlp)

@@ -130,14 +130,17 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
-                     checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, 1/rms per row): launches `_rms_norm_fwd_kernel` (`checked`: the caller ran _check)."""
+                     checked: bool = False, out_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, 1/rms per row): launches `_rms_norm_fwd_kernel` (`checked`: the caller ran _check).
+    `out_dtype`: y is rounded to it in the kernel's store (see `rms_norm`)."""
     num_cols = x.shape[-1] if checked else _check(x, weight)
     x_rows = x.reshape(-1, num_cols)
     if x_rows.stride(-1) != 1:
         x_rows = x_rows.contiguous()
-    out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(
-        x.dtype, weight.dtype)
+    if out_dtype is None:
+        out_dtype = x.dtype if gemma or weight.dtype == x.dtype else torch.promote_types(
+            x.dtype, weight.dtype)
     num_rows = x_rows.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(num_rows, dtype=torch.float32, device=x.device)
@@ -221,8 +224,8 @@ class _RMSNormFunction(torch.autograd.Function):
     post-norm added to the residual, whose dy the residual shares."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, gemma, inplace):
-        y, rstd = rms_norm_forward(x, weight, eps, gemma, checked=True)
+    def forward(ctx, x, weight, eps, gemma, inplace, out_dtype):
+        y, rstd = rms_norm_forward(x, weight, eps, gemma, checked=True, out_dtype=out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         ctx.gemma, ctx.inplace = gemma, inplace
         return y
@@ -233,18 +236,26 @@ class _RMSNormFunction(torch.autograd.Function):
         # dx takes dy's (contiguous) layout; autograd accepts any strides of x's shape.
         reuse = ctx.inplace and dy.dtype == x.dtype and dy.is_contiguous()
         dx, dw = rms_norm_backward(dy, x, weight, rstd, ctx.gemma, dx=dy if reuse else None)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False,
-             inplace_backward: bool = False) -> torch.Tensor:
+             inplace_backward: bool = False, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading shape). The Triton kernels on CUDA
     (or the interpreter); `rms_norm_reference` elsewhere. Eager calls go through an
     autograd.Function, compiled ones through the custom op. `inplace_backward` (eager only; see
-    `_RMSNormFunction` for when it is safe) overwrites the output's gradient with dx."""
+    `_RMSNormFunction` for when it is safe) overwrites the output's gradient with dx.
+
+    `out_dtype`: the output rounded to this dtype, as `.to(out_dtype)` after the norm would, but
+    in the kernel's store (no second pass over memory, no cast op for the host to dispatch).
+    For a norm that feeds linear layers under autocast, the autocast dtype gives the bits
+    autocast's own cast of each layer's input would (tunegraph.kernels.patch)."""
     if not use_triton(x, weight):
-        return rms_norm_reference(x, weight, eps, gemma=gemma)
+        y = rms_norm_reference(x, weight, eps, gemma=gemma)
+        return y if out_dtype is None else y.to(out_dtype)
     if torch.compiler.is_compiling():
-        return torch.ops.tunegraph.rms_norm_fwd(x, weight, eps, gemma)[0]
+        y = torch.ops.tunegraph.rms_norm_fwd(x, weight, eps, gemma)[0]
+        return y if out_dtype is None else y.to(out_dtype)
     _check(x, weight)
-    return _RMSNormFunction.apply(x, weight, eps, gemma, inplace_backward)
+    return _RMSNormFunction.apply(x, weight, eps, gemma, inplace_backward, out_dtype)

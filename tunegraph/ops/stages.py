@@ -149,6 +149,8 @@ def training_key_values(recipe: Recipe) -> dict[str, Any]:
     values = recipe.concern_values(AdapterConcern, TrainingConcern)
     if (kernels := recipe.kernel_options()).any_on:
         values["kernels"] = kernels.model_dump(mode="json")
+        if not kernels.adamw_master_weights:  # a newer key: off keeps older recipes' keys
+            values["kernels"].pop("adamw_master_weights")
     values.update({k: getattr(recipe, k) for k in MODEL_LOADING_KEYS})
     # Sharding keys only when set, so single-process recipes keep the keys they had.
     values.update({k: v for k, v in recipe.concern_values(DistributedConcern).items()

@@ -331,6 +331,56 @@ def training_arguments(recipe: Recipe, out_dir: Path, num_train_rows: int,
     return arguments
 
 
+def master_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters kernels.adamw_master_weights keeps in bf16: every nn.Linear's weight and
+    bias that trains, except an output layer tied to the input embedding (the embedding lookup
+    reads it in fp32, as autocast leaves it)."""
+    tied = set()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        tied.add(id(embeddings.weight))
+    return [p for module in model.modules() if isinstance(module, torch.nn.Linear)
+            for p in (module.weight, module.bias)
+            if p is not None and p.requires_grad and id(p) not in tied]
+
+
+class MasterWeightsTrainer(Trainer):
+    """transformers' Trainer with tunegraph's MasterWeightAdamW (kernels.adamw_master_weights):
+    the parameter groups of Trainer.create_optimizer (weight decay off for biases and norms),
+    clipping computed in fp32 and applied inside the optimizer's step, and the fp32 masters put
+    back in the model when training ends (`restore_masters`), so the saved model is what the
+    fp32 path saves. Overrides `_clip_grad_norm` and `_get_grad_norm`, which transformers
+    5.17-5.19 call at each optimizer step (tests/ops/test_train_master_weights.py)."""
+
+    def create_optimizer(self, model=None):  # noqa: ANN001, ANN201 (HF signature)
+        if self.optimizer is None:
+            from tunegraph.kernels.adamw import MasterWeightAdamW
+
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay],
+                       "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            self.optimizer = MasterWeightAdamW(
+                [g for g in groups if g["params"]], lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                working=master_weight_parameters(opt_model),
+                accumulate_fp32=self.args.gradient_accumulation_steps > 1)
+        return self.optimizer
+
+    @property
+    def master_optimizer(self):  # noqa: ANN201 (tunegraph.kernels.adamw imports triton)
+        """The MasterWeightAdamW itself (accelerate wraps the Trainer's optimizer)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _clip_grad_norm(self, model):  # noqa: ANN001, ANN202 (HF signature)
+        return self.master_optimizer.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):  # noqa: ANN001, ANN202 (HF signature)
+        return self.master_optimizer.grad_norm() if grad_norm is None else grad_norm
+
+
 def training_callbacks(recipe: Recipe) -> list[TrainerCallback]:
     """The callbacks that recipe keys ask for, beside progress reporting."""
     callbacks: list[TrainerCallback] = []
@@ -412,10 +462,15 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
     callback = ProgressCallback(progress)
     extra_callbacks = training_callbacks(recipe)
     collator = collator_for(recipe, tokenizer.pad_token_id, model.config._attn_implementation)
+    master_weights = recipe.kernel_options().adamw_master_weights
+    if master_weights and (not args.bf16 or args.world_size > 1):
+        raise ValueError("kernels.adamw_master_weights: needs bf16 mixed precision in one process "
+                         f"(here bf16 resolved to {args.bf16}, {args.world_size} processes): "
+                         f"remove the key on this machine")
     # processing_class: each checkpoint gets the tokenizer too, so it loads (and evaluates) alone.
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
-                      data_collator=collator, callbacks=[callback, *extra_callbacks],
-                      processing_class=tokenizer)
+    trainer = (MasterWeightsTrainer if master_weights else Trainer)(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
+        data_collator=collator, callbacks=[callback, *extra_callbacks], processing_class=tokenizer)
     # A checkpoint left in out_dir by a failed attempt: resume from it (weights, optimizer,
     # scheduler, RNG and data position), so a retry continues instead of starting over.
     resume_from = last_complete_checkpoint(Path(args.output_dir))
@@ -424,6 +479,8 @@ def train(recipe: Recipe, base_dir: Path, tokenized_dir: Path, out_dir: Path,
     for extra in extra_callbacks:
         if isinstance(extra, LossWatchdogCallback):
             extra.raise_if_tripped()
+    if isinstance(trainer, MasterWeightsTrainer):
+        trainer.master_optimizer.restore_masters()
 
     final_dir = out_dir / ("adapter" if recipe.is_lora else "model")
     # save_model gathers FSDP/DeepSpeed shards into one state dict and writes on rank 0 only
