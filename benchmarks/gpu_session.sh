@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_session.sh check    # ~5 min: every gpu test | S1 --profile
 #   bash benchmarks/gpu_session.sh master   # ~7 min: adamw/norm/master-weight tests | S1 with
 #                                           # tunegraph-fp32-weights
+#   bash benchmarks/gpu_session.sh s1final  # ~9 min: S1 --repeats 2 | every gpu test, then
+#                                           # S1's trl-liger-compile peer beside tunegraph
 # A mode is a pair of functions, MODE_lane0 and MODE_lane1, run side by side.
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
@@ -161,6 +163,19 @@ master_lane1() {
   export CUDA_VISIBLE_DEVICES=1
   step S1 540 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 300 \
     --providers hf,trl,trl-liger,tunegraph,tunegraph-fp32-weights
+}
+
+s1final_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step S1 590 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1.json" --timeout 280 --repeats 2 \
+    --providers hf,trl,trl-liger,tunegraph,tunegraph-fp32-weights
+}
+
+s1final_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/ops -m gpu
+  step S1_compile 250 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1_compile.json" \
+    --timeout 220 --work /tmp/s_sft_step_lane1 --providers trl-liger-compile,tunegraph
 }
 
 mode=${1:-}
