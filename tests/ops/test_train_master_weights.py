@@ -131,3 +131,33 @@ def test_master_weights_on_the_gpu_follow_the_fp32_weights_trajectory(tmp_path):
         trainer.train()
         out.extend(trajectory(trainer, "loss"))
     assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_resuming_from_a_checkpoint_follows_the_fp32_weights_resume(tmp_path):
+    """A MasterWeightsTrainer checkpoint (bf16 linear weights in the model files, fp32 masters
+    and moments in the optimizer's) resumes along the trajectory that transformers' Trainer
+    resumes along over fp32 weights. (Neither equals the uninterrupted run on this CPU: HF's
+    resume draws other batches here, for both.)"""
+    def resumed_losses(trainer_class):
+        def trainer(out, max_steps):
+            args = TrainingArguments(output_dir=str(out), bf16=True, use_cpu=True,
+                                     max_steps=max_steps, learning_rate=3e-3, max_grad_norm=1.0,
+                                     per_device_train_batch_size=2, logging_steps=1,
+                                     save_strategy="steps", save_steps=2, report_to="none",
+                                     seed=0, dataloader_num_workers=0, disable_tqdm=True)
+            return trainer_class(model=tiny_llama(), args=args, train_dataset=rows(),
+                                 data_collator=default_data_collator)
+        out = tmp_path / trainer_class.__name__
+        trainer(out, 2).train()
+        resumed = trainer(out, 4)
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+        return resumed, trajectory(resumed, "loss")
+
+    resumed, got = resumed_losses(MasterWeightsTrainer)
+    _, want = resumed_losses(Trainer)
+    assert len(got) == 4 and got == pytest.approx(want, rel=1e-4)
+    optimizer = resumed.master_optimizer
+    assert optimizer.param_groups[0]["step"] == 4
+    weight = resumed.model.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.bfloat16
+    assert {t.dtype for t in optimizer.state[weight].values()} == {torch.float32}

@@ -22,6 +22,7 @@ before this package is imported).
 | patch.py    | `apply_kernels`: swaps them into HF models           | kernels on/off golden trajectory  |
 | lora.py     | LoRA linear, q/k/v, MLP: hand-derived backwards      | PEFT's LoraLayer, fp64            |
 | lora_patch.py | `apply_lora_kernels`: swaps those into PEFT models | LoRA kernels on/off golden        |
+| adamw.py    | AdamW over fp32 masters of bf16 weights, multi-tensor | torch.optim.AdamW, HF's Trainer   |
 
 This package imports nothing from tunegraph outside it, and no transformers.
 """
