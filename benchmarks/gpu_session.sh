@@ -22,6 +22,8 @@
 #                                           # tunegraph-fp32-weights
 #   bash benchmarks/gpu_session.sh s1final  # ~9 min: S1 --repeats 2 | every gpu test, then
 #                                           # S1's trl-liger-compile peer beside tunegraph
+#   bash benchmarks/gpu_session.sh profile2 # ~7 min: S2 | S1 --profile (trl-liger, tunegraph,
+#                                           # tunegraph-fp32-weights)
 # A mode is a pair of functions, MODE_lane0 and MODE_lane1, run side by side.
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
@@ -176,6 +178,17 @@ s1final_lane1() {
   step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/ops -m gpu
   step S1_compile 250 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1_compile.json" \
     --timeout 220 --work /tmp/s_sft_step_lane1 --providers trl-liger-compile,tunegraph
+}
+
+profile2_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step S2 420 python3 benchmarks/s_sft_step.py s2 --out "$OUT/S2.json" --timeout 300
+}
+
+profile2_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 420 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1_profile.json" \
+    --timeout 200 --providers trl-liger,tunegraph,tunegraph-fp32-weights
 }
 
 mode=${1:-}
