@@ -24,6 +24,8 @@
 #                                           # S1's trl-liger-compile peer beside tunegraph
 #   bash benchmarks/gpu_session.sh profile2 # ~7 min: S2 | S1 --profile (trl-liger, tunegraph,
 #                                           # tunegraph-fp32-weights)
+#   bash benchmarks/gpu_session.sh adamw    # ~4 min: adamw_master.py, its tests | S1 (hf,
+#                                           # trl-liger, tunegraph)
 # A mode is a pair of functions, MODE_lane0 and MODE_lane1, run side by side.
 # Each step has its own time limit, so one that hangs leaves the others' results.
 set -u
@@ -189,6 +191,19 @@ profile2_lane1() {
   export CUDA_VISIBLE_DEVICES=1
   step S1 420 python3 benchmarks/s_sft_step.py s1 --profile --out "$OUT/S1_profile.json" \
     --timeout 200 --providers trl-liger,tunegraph,tunegraph-fp32-weights
+}
+
+adamw_lane0() {
+  export CUDA_VISIBLE_DEVICES=0
+  step adamw 150 python3 benchmarks/adamw_master.py --out "$OUT/ADAMW.json"
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_adamw.py \
+    tests/ops/test_train_master_weights.py
+}
+
+adamw_lane1() {
+  export CUDA_VISIBLE_DEVICES=1
+  step S1 400 python3 benchmarks/s_sft_step.py s1 --out "$OUT/S1_adamw.json" --timeout 200 \
+    --providers hf,trl-liger,tunegraph
 }
 
 mode=${1:-}

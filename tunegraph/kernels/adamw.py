@@ -36,8 +36,10 @@ import torch
 
 from tunegraph.kernels import cdiv, tl, triton, use_triton
 
-# Elements per program: each program updates one block of one tensor.
-BLOCK = 2048
+# Elements per program: each program updates one block of one tensor. Each program first reads
+# its tensor's addresses (a chain of dependent loads), so blocks are large; 8 warps.
+BLOCK = 8192
+NUM_WARPS = 8
 _POINTER = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} \
     if hasattr(tl, "float32") else {}
 
@@ -240,7 +242,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     tables[5], tables[6], coef if coef is not None else tables[4],
                     **scalars, G_TYPE=_POINTER[g_dtype], P_TYPE=_POINTER[p_dtype],
                     HAS_MASTER=p_dtype != torch.float32, HAS_COEF=coef is not None,
-                    BLOCK=BLOCK, num_warps=8)
+                    BLOCK=BLOCK, num_warps=NUM_WARPS)
         self._fresh.update(id(p) for group in self.param_groups for p in group["params"]
                            if "grad_fp32" in self.state[p])
         return loss
