@@ -102,7 +102,7 @@ def run_tunegraph(steps: int, block: int, warps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", default="2048x8,4096x8,8192x8,16384x16",
+    parser.add_argument("--variants", default="512x4,1024x4,1024x8,2048x4,2048x8,4096x8",
                         help="BLOCKxWARPS diagnostic rows")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -127,7 +127,7 @@ def main() -> None:
         bytes_moved = num_params * BYTES_PER_PARAM.get(provider, BYTES_PER_PARAM["tunegraph"])
         median = statistics.median(times)
         rows.append({"workload": workload, "provider": provider, **timing_fields(times),
-                     "peak_mem_mb": peaks[provider], "throughput": round(bytes_moved / median / 1e9, 1),
+                     "peak_mem_mb": peaks[provider], "throughput": round(bytes_moved / (median / 1e3) / 1e9, 1),
                      "unit": "GB/s (floor bytes)"})
         print(f"{provider:24s} {median:8.3f} ms  {rows[-1]['throughput']:8.1f} GB/s  "
               f"{peaks[provider]:9,.0f} MiB")

@@ -38,7 +38,7 @@ from tunegraph.kernels import cdiv, tl, triton, use_triton
 
 # Elements per program: each program updates one block of one tensor. Each program first reads
 # its tensor's addresses (a chain of dependent loads), so blocks are large; 8 warps.
-BLOCK = 8192
+BLOCK = 2048
 NUM_WARPS = 8
 _POINTER = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} \
     if hasattr(tl, "float32") else {}
