@@ -102,7 +102,7 @@ def run_tunegraph(steps: int, block: int, warps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", default="512x4,1024x4,1024x8,2048x4,2048x8,4096x8",
+    parser.add_argument("--variants", default="256x4,512x8,1024x8,2048x8,8192x8",
                         help="BLOCKxWARPS diagnostic rows")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
