@@ -119,7 +119,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._coef: torch.Tensor | None = None
         # Address tables on the device: of the parameters and their state, and of gradients.
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        self._grad_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grad_tables: dict[tuple, dict] = {}
         self._fresh: set[int] = set()  # working params whose fp32 buffer starts over
         for group in self.param_groups:
             for p in group["params"]:
@@ -176,22 +176,32 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
 
-    def _grad_table(self, grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """The gradients' address table. Gradients are new tensors each step, but the caching
-        allocator mostly hands out the same addresses: a table is kept per address tuple. A
-        new one is copied from pinned memory without blocking; from pageable memory the copy
-        would wait for the GPU to finish the backward, leaving it idle while the host
-        prepares the next step."""
-        addresses = tuple(g.data_ptr() for g in grads)
-        if (table := self._grad_tables.get(addresses)) is None:
-            host = torch.tensor(addresses, dtype=torch.int64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            table = (host.to(device, non_blocking=True), host)  # the source stays alive
-            if len(self._grad_tables) > 64:  # addresses that keep changing: don't grow forever
-                self._grad_tables.clear()
-            self._grad_tables[addresses] = table
-        return table[0]
+    def _grad_table(self, slot: tuple, grads: list[torch.Tensor], device: torch.device
+                    ) -> torch.Tensor:
+        """The gradients' address table for one launch (`slot`: its group and dtypes).
+        Gradients are new tensors each step; when their addresses are last step's (the caching
+        allocator mostly hands out the same), the device table stays. Otherwise one pinned
+        buffer per slot, allocated once, is rewritten and copied without blocking: from pageable
+        memory the copy would wait for the backward to finish (the GPU idle while the host
+        prepares the next step), and a pinned allocation per step can synchronise too."""
+        addresses = [g.data_ptr() for g in grads]
+        entry = self._grad_tables.get(slot)
+        if entry is None or entry["addresses"] != addresses:
+            if entry is None or len(entry["addresses"]) != len(addresses):
+                host = torch.empty(len(addresses), dtype=torch.int64,
+                                   pin_memory=device.type == "cuda")
+                entry = self._grad_tables[slot] = {
+                    "host": host, "device": torch.empty_like(host, device=device),
+                    "copied": torch.cuda.Event() if device.type == "cuda" else None,
+                    "addresses": []}
+            elif entry["copied"] is not None:
+                entry["copied"].synchronize()  # last rewrite's copy (a step ago): done by now
+            entry["host"].copy_(torch.tensor(addresses, dtype=torch.int64))
+            entry["device"].copy_(entry["host"], non_blocking=True)
+            if entry["copied"] is not None:
+                entry["copied"].record()
+            entry["addresses"] = addresses
+        return entry["device"]
 
     def _static_tables(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(param, master, exp_avg, exp_avg_sq addresses, numels, block -> tensor, block ->
@@ -218,7 +228,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim's signature)
         loss = closure() if closure is not None else None
         coef, self._coef = self._coef, None
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             group["step"] += 1
             beta1, beta2 = group["betas"]
             scalars = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],
@@ -237,7 +247,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     self._step_reference(params, grads, group, coef)
                     continue
                 tables = self._static_tables(params)
-                grad_table = self._grad_table(grads, params[0].device)
+                grad_table = self._grad_table((index, p_dtype, g_dtype), grads,
+                                              params[0].device)
                 _adamw_kernel[(tables[5].numel(),)](
                     grad_table, tables[0], tables[1], tables[2], tables[3], tables[4],
                     tables[5], tables[6], coef if coef is not None else tables[4],
