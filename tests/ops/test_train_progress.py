@@ -22,8 +22,8 @@ def _time_steps(callback, work: Callable[[], Any], steps: int = 3) -> None:
 def test_progress_callback_times_steps_on_the_host_clock_without_a_gpu():
     callback = ProgressCallback(None)
     _time_steps(callback, lambda: torch.randn(256, 256) @ torch.randn(256, 256))
-    assert len(callback.step_seconds) == 3 and all(s > 0 for s in callback.step_seconds)
-    assert callback.median_step_s(warmup=1) == pytest.approx(sum(callback.step_seconds[1:]) / 2)
+    assert len(callback.step_seconds()) == 3 and all(s > 0 for s in callback.step_seconds())
+    assert callback.median_step_s(warmup=1) == pytest.approx(sum(callback.step_seconds()[1:]) / 2)
 
 
 @pytest.mark.gpu
@@ -37,5 +37,5 @@ def test_progress_callback_times_gpu_steps_with_events_and_no_sync(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: syncs.append(args))
     _time_steps(callback, lambda: [a @ a for _ in range(20)])  # ~20 x 1.1 TFLOP: ~50 ms fp32
     assert syncs == []
-    seconds = callback.step_seconds
+    seconds = callback.step_seconds()
     assert len(seconds) == 3 and all(s > 0.005 for s in seconds), seconds

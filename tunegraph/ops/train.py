@@ -198,15 +198,15 @@ class ProgressCallback(TrainerCallback):
             self._seconds.append(start.elapsed_time(end) / 1000)
         self._pending.clear()
 
-    @property
     def step_seconds(self) -> list[float]:
-        """Seconds of each optimizer step so far."""
+        """Seconds of each optimizer step so far (on a GPU this waits for the last step's end
+        event: call it where the host waits anyway)."""
         self._read_events()
-        return self._seconds
+        return list(self._seconds)
 
     def median_step_s(self, warmup: int = 3) -> float | None:
         """The median optimizer step time after `warmup` steps (compilation, allocator growth)."""
-        seconds = self.step_seconds
+        seconds = self.step_seconds()
         timed = seconds[warmup:] or seconds
         return statistics.median(timed) if timed else None
 
