@@ -877,18 +877,17 @@ class _FusedForward:
         saved_loss = model.__dict__.get("_loss_function") or model.loss_function
         switch = lm_head.__dict__.get("forward")
         if isinstance(switch, _LMHeadSwitch) and switch.module is lm_head:
-            switch.capture, model.loss_function = capture, loss_function
-            try:
-                output = self.original(*args, **kwargs)
-            finally:
-                switch.capture, model.loss_function = None, saved_loss
+            holder, name, saved = switch, "capture", None  # the switch installed at patch time
         else:  # lm_head replaced since the patch, or hooked (accelerate): swap its forward
-            saved_forward = switch or types.MethodType(type(lm_head).forward, lm_head)
-            lm_head.forward, model.loss_function = capture, loss_function
-            try:
-                output = self.original(*args, **kwargs)
-            finally:
-                lm_head.forward, model.loss_function = saved_forward, saved_loss
+            holder, name = lm_head, "forward"
+            saved = switch or types.MethodType(type(lm_head).forward, lm_head)
+        setattr(holder, name, capture)
+        model.loss_function = loss_function
+        try:
+            output = self.original(*args, **kwargs)
+        finally:
+            setattr(holder, name, saved)
+            model.loss_function = saved_loss
         placeholder = captured.get("placeholder")
         if isinstance(output, tuple):  # return_dict=False
             return tuple(item for item in output if item is not placeholder)
