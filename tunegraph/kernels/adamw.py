@@ -12,7 +12,7 @@ fp32 (2 + 4), and clipping scales the fp32 gradients (4 + 4). Here the `working`
 bf16 values (what autocast would have cast them to), their gradients stay bf16, and one kernel
 reads gradient, master, exp_avg and exp_avg_sq and writes master, exp_avg, exp_avg_sq and the
 bf16 working copy, with the clipping coefficient applied as it reads the gradient: 28 bytes per
-parameter against 28 + 20. The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias
+parameter (and 2 for the gradient norm) against 28 + 24 (casts 12, clipping 12). The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias
 corrections, eps outside the square root) on the same fp32 masters and the same gradient values
 (a bf16 matmul's gradient upcast to fp32 is the value the fp32 path sees), so training follows
 the autocast trajectory within fp32 rounding; the total gradient norm is taken in fp32.
