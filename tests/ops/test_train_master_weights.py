@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from tunegraph.ops.train import MasterWeightsTrainer, master_weight_parameters
@@ -134,8 +135,8 @@ def test_master_weights_on_the_gpu_follow_the_fp32_weights_trajectory(tmp_path):
 
 
 def test_resuming_from_a_checkpoint_follows_the_fp32_weights_resume(tmp_path):
-    """A MasterWeightsTrainer checkpoint (bf16 linear weights in the model files, fp32 masters
-    and moments in the optimizer's) resumes along the trajectory that transformers' Trainer
+    """A MasterWeightsTrainer checkpoint (the fp32 masters as the model's weights, and in the
+    optimizer's state with the moments) resumes along the trajectory that transformers' Trainer
     resumes along over fp32 weights. (Neither equals the uninterrupted run on this CPU: HF's
     resume draws other batches here, for both.)"""
     def resumed_losses(trainer_class):
@@ -148,13 +149,21 @@ def test_resuming_from_a_checkpoint_follows_the_fp32_weights_resume(tmp_path):
             return trainer_class(model=tiny_llama(), args=args, train_dataset=rows(),
                                  data_collator=default_data_collator)
         out = tmp_path / trainer_class.__name__
-        trainer(out, 2).train()
+        first = trainer(out, 2)
+        first.train()
         resumed = trainer(out, 4)
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
-        return resumed, trajectory(resumed, "loss")
+        return first, resumed, trajectory(resumed, "loss")
 
-    resumed, got = resumed_losses(MasterWeightsTrainer)
-    _, want = resumed_losses(Trainer)
+    first, resumed, got = resumed_losses(MasterWeightsTrainer)
+    _, _, want = resumed_losses(Trainer)
+    # The checkpoint holds the fp32 masters (what the fp32 path saves), not the bf16 copies.
+    saved = load_file(tmp_path / "MasterWeightsTrainer" / "checkpoint-2" / "model.safetensors")
+    up_proj = first.model.model.layers[0].mlp.up_proj.weight
+    assert up_proj.dtype == torch.bfloat16  # in memory, still the working copy
+    assert saved["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"],
+                       first.master_optimizer.state[up_proj]["master"])
     assert len(got) == 4 and got == pytest.approx(want, rel=1e-4)
     optimizer = resumed.master_optimizer
     assert optimizer.param_groups[0]["step"] == 4

@@ -3,7 +3,9 @@
     optimizer = MasterWeightAdamW(groups, lr=2e-5, working=linear_weights, working_dtype=bf16)
     norm = optimizer.clip_grad_norm_(max_norm=1.0)   # the Trainer's clipping, folded into step
     optimizer.step()
-    optimizer.restore_masters()                       # fp32 weights back in the model, to save
+    with optimizer.masters_in_model():                # a checkpoint of the fp32 weights
+        model.save_pretrained(folder)
+    optimizer.restore_masters()                       # fp32 weights back in the model for good
 
 Mixed precision the usual way (fp32 weights under bf16 autocast) pays for its fp32 weights
 three times a step beyond the optimizer's own pass: autocast casts every weight to bf16 in the
@@ -29,8 +31,9 @@ stochastically instead of keeping masters. `adamw_reference` is the pure-PyTorch
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -295,6 +298,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 self.state[p][key] = value if mine else value.to(p.device, torch.float32,
                                                                  copy=True)
         self._tables.clear()
+
+    @contextlib.contextmanager
+    def masters_in_model(self) -> Iterator[None]:
+        """The fp32 masters as the parameters' data inside the block (to save a checkpoint
+        as the fp32 path would), the working copies again after it; nothing is copied."""
+        swapped = [(p, p.data) for group in self.param_groups for p in group["params"]
+                   if "master" in self.state[p] and p.data is not self.state[p]["master"]]
+        for p, _ in swapped:
+            p.data = self.state[p]["master"]
+        try:
+            yield
+        finally:
+            for p, working in swapped:
+                p.data = working
 
     @torch.no_grad()
     def restore_masters(self) -> None:

@@ -347,10 +347,12 @@ def master_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]
 class MasterWeightsTrainer(Trainer):
     """transformers' Trainer with tunegraph's MasterWeightAdamW (kernels.adamw_master_weights):
     the parameter groups of Trainer.create_optimizer (weight decay off for biases and norms),
-    clipping computed in fp32 and applied inside the optimizer's step, and the fp32 masters put
-    back in the model when training ends (`restore_masters`), so the saved model is what the
-    fp32 path saves. Overrides `_clip_grad_norm` and `_get_grad_norm`, which transformers
-    5.17-5.19 call at each optimizer step (tests/ops/test_train_master_weights.py)."""
+    clipping computed in fp32 and applied inside the optimizer's step. Checkpoints and the
+    final model are saved with the fp32 masters as the weights (`_save`), what the fp32 path
+    saves, and the masters go back in the model for good when training ends
+    (`restore_masters`). Overrides `_clip_grad_norm`, `_get_grad_norm` (called at each
+    optimizer step) and `_save` (under save_model, for checkpoints too) of transformers
+    5.17-5.19 (tests/ops/test_train_master_weights.py)."""
 
     def create_optimizer(self, model=None):  # noqa: ANN001, ANN201 (HF signature)
         if self.optimizer is None:
@@ -379,6 +381,12 @@ class MasterWeightsTrainer(Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):  # noqa: ANN001, ANN202 (HF signature)
         return self.master_optimizer.grad_norm() if grad_norm is None else grad_norm
+
+    def _save(self, output_dir=None, state_dict=None):  # noqa: ANN001, ANN202 (HF signature)
+        if self.optimizer is None or state_dict is not None:
+            return super()._save(output_dir, state_dict)
+        with self.master_optimizer.masters_in_model():
+            return super()._save(output_dir, state_dict)
 
 
 def training_callbacks(recipe: Recipe) -> list[TrainerCallback]:
