@@ -51,7 +51,7 @@ def test_matches_torch_adamw_with_clipping(max_norm, device):
                             working=working)
     torch_opt = torch.optim.AdamW(groups(ref), lr=3e-2, betas=(0.8, 0.95), eps=1e-6)
     assert [p.dtype for p in working] == [torch.bfloat16] * len(working)
-    for step in range(4):
+    for _step in range(4):
         for p, r in zip(params, ref, strict=True):
             # The gradient a bf16 product gives: bf16 values, upcast for the fp32 path.
             g = torch.randn(p.shape, device=device).to(torch.bfloat16)

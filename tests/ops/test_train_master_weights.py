@@ -118,7 +118,7 @@ def test_recipe_key_is_part_of_the_training_key(make_recipe):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_master_weights_on_the_gpu_follow_the_fp32_weights_trajectory(tmp_path):
     """The Triton kernel inside the Trainer on a GPU: same trajectory as fp32 weights."""
-    fp32_model, master_model = tiny_llama().cuda(), None
+    fp32_model = tiny_llama().cuda()
     master_model = copy.deepcopy(fp32_model)
     want, got = [], []
     for trainer_class, model, out in ((Trainer, fp32_model, want),

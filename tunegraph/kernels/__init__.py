@@ -24,6 +24,9 @@ before this package is imported).
 | lora_patch.py | `apply_lora_kernels`: swaps those into PEFT models | LoRA kernels on/off golden        |
 | adamw.py    | AdamW over fp32 masters of bf16 weights, multi-tensor | torch.optim.AdamW, HF's Trainer   |
 
+adamw.py is an optimizer, not an op: one kernel, no backward, no custom op (it runs outside
+autograd and torch.compile), `adamw_reference` its CPU fallback and oracle.
+
 This package imports nothing from tunegraph outside it, and no transformers.
 """
 

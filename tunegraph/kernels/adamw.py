@@ -14,10 +14,11 @@ fp32 (2 + 4), and clipping scales the fp32 gradients (4 + 4). Here the `working`
 bf16 values (what autocast would have cast them to), their gradients stay bf16, and one kernel
 reads gradient, master, exp_avg and exp_avg_sq and writes master, exp_avg, exp_avg_sq and the
 bf16 working copy, with the clipping coefficient applied as it reads the gradient: 28 bytes per
-parameter (and 2 for the gradient norm) against 28 + 24 (casts 12, clipping 12). The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias
-corrections, eps outside the square root) on the same fp32 masters and the same gradient values
-(a bf16 matmul's gradient upcast to fp32 is the value the fp32 path sees), so training follows
-the autocast trajectory within fp32 rounding; the total gradient norm is taken in fp32.
+parameter (and 2 for the gradient norm) against 28 + 24 (casts 12, clipping 12). The arithmetic
+is torch.optim.AdamW's (decoupled weight decay, bias corrections, eps outside the square root) on
+the same fp32 masters and the same gradient values (a bf16 matmul's gradient upcast to fp32 is
+the value the fp32 path sees), so training follows the autocast trajectory within fp32 rounding;
+the total gradient norm is taken in fp32.
 
 With gradient accumulation, micro-batch gradients are summed into an fp32 buffer per working
 parameter (a post-accumulate-grad hook), as the fp32 path sums them, not in bf16. Parameters not
@@ -106,8 +107,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     next `step` (no pass of its own); HF's Trainer calls it through
     tunegraph.ops.train's trainer."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *,
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, *,
                  working: Iterable[torch.nn.Parameter] = (),
                  working_dtype: torch.dtype = torch.bfloat16, accumulate_fp32: bool = False):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
@@ -117,8 +119,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if missing := working_ids - owned:
             raise ValueError(f"MasterWeightAdamW: {len(missing)} working parameters are not in "
                              f"the optimizer's parameters")
-        self.working_dtype = working_dtype
-        self.accumulate_fp32 = accumulate_fp32
         self._coef: torch.Tensor | None = None
         # Address tables on the device: of the parameters and their state, and of gradients.
         self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
