@@ -59,6 +59,28 @@ def _union_ms(intervals: list[tuple[float, float]]) -> tuple[float, list[tuple[f
     return busy_us / 1000, gaps
 
 
+def _split_at_optimizer(events: list[dict[str, Any]], intervals: list[tuple[float, float]]
+                        ) -> list[dict[str, Any]]:
+    """The window cut into steps after each run of optimizer kernels (a step ends with its
+    optimizer): per piece, GPU wall from its first kernel to its optimizer's end, busy time,
+    and its largest idle gap. Shows whether slow steps are slow everywhere or at one stall."""
+    pieces, start = [], 0
+    for index, event in enumerate(events):
+        ends_step = (family(event["name"]) == "optimizer"
+                     and (index + 1 == len(events)
+                          or family(events[index + 1]["name"]) != "optimizer"))
+        if ends_step:
+            piece = intervals[start:index + 1]
+            busy_ms, gaps = _union_ms(piece)
+            gap = max(gaps, default=(0.0, 0.0, 0))
+            pieces.append({"wall_ms": round((max(e for _, e in piece) - piece[0][0]) / 1000, 2),
+                           "busy_ms": round(busy_ms, 2), "largest_gap_ms": round(gap[0], 3),
+                           "gap_after": events[start + gap[2]]["name"][:60] if gaps else "",
+                           "kernels": len(piece)})
+            start = index + 1
+    return pieces
+
+
 def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[str, Any]:
     """Per-step figures of a Chrome trace spanning `steps` steps (see the module docstring)."""
     events = [e for e in trace.get("traceEvents", [])
@@ -76,6 +98,7 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
         by_family[family(event["name"])] += duration_ms
         by_name[event["name"]][0] += 1
         by_name[event["name"]][1] += duration_ms
+    per_step_split = _split_at_optimizer(events, intervals)
     gaps.sort(reverse=True)
     per_step = 1 / steps
     return {
@@ -88,6 +111,7 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 15) -> dict[st
         "idle_gaps_over_50us_per_step": round(sum(g for g, _, _ in gaps if g > 0.05) * per_step, 2),
         "largest_gaps": [{"ms": round(g, 3), "after": events[i]["name"][:90]}
                          for g, _, i in gaps[:8]],
+        "per_step": per_step_split,
         "ms_per_step_by_family": {k: round(v * per_step, 2) for k, v in
                                   sorted(by_family.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": name[:120], "family": family(name),
@@ -107,6 +131,9 @@ def format_summary(label: str, summary: dict[str, Any]) -> str:
              f"({summary['kernels_per_step']} kernels)",
              "  by family (ms/step): " + ", ".join(
                  f"{k} {v}" for k, v in summary["ms_per_step_by_family"].items()),
+             "  per step (wall/busy ms, largest gap): " + "; ".join(
+                 f"{p['wall_ms']}/{p['busy_ms']} ({p['largest_gap_ms']} after "
+                 f"{p['gap_after'][:30]})" for p in summary.get("per_step", [])),
              "  largest gaps: " + "; ".join(
                  f"{g['ms']} ms after {g['after'][:50]}" for g in summary["largest_gaps"][:5])]
     lines += [f"  {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:<6} {k['family']:<22} "

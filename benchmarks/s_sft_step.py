@@ -117,17 +117,19 @@ NUM_LOSSES = 5  # first logged losses kept per provider
 PROFILE_STEPS = 2  # --profile: steps profiled after the timed ones (not timed themselves)
 
 
-def settings(bench: str, dry_run: bool, steps: int, warmup: int, profile: bool = False
+def settings(bench: str, dry_run: bool, steps: int, warmup: int, profile: bool | int = False
              ) -> dict[str, Any]:
+    """`profile`: profile that many steps after the timed ones (True: PROFILE_STEPS)."""
+    profile_steps = PROFILE_STEPS if profile is True else int(profile)
     spec = BENCHES[bench]
     shape = dict(spec["shape"])
     if dry_run:  # the plumbing on a CPU: tiny model, fp32, short rows
         shape = {**TINY, "tie_word_embeddings": shape["tie_word_embeddings"]}
     return {**spec, "bench": bench, "shape": shape, "dry_run": dry_run,
             "sequence_len": 128 if dry_run else 4096, "steps": steps, "warmup": warmup,
-            "bf16": not dry_run, "profile_steps": PROFILE_STEPS if profile else 0,
+            "bf16": not dry_run, "profile_steps": profile_steps,
             # optimizer steps run (and rows made): the timed ones, then the profiled ones
-            "train_steps": steps + (PROFILE_STEPS if profile else 0)}
+            "train_steps": steps + profile_steps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class StepClock:
     Trainer logs once more, with the same global step, when training ends)."""
 
     def __init__(self, profile_after: int | None = None, profile_steps: int = 0,
-                 trace_path: Path | None = None) -> None:
+                 trace_path: Path | None = None, sync_debug_step: int | None = None) -> None:
         import torch
 
         self.cuda = torch.cuda.is_available()
@@ -242,6 +244,33 @@ class StepClock:
         self.profile_after, self.profile_steps = profile_after, profile_steps
         self.profiler = StepProfiler(trace_path) if trace_path is not None else None
         self.profile: dict[str, Any] | None = None
+        # --sync-debug: the host stacks of every synchronising CUDA call during one step
+        self.sync_debug_step = sync_debug_step
+        self.sync_stacks: dict[str, int] = {}
+        self._showwarning = None
+
+    def _record_sync(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        if "synchronizing" not in str(message):
+            return self._showwarning(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings" not in f.filename]
+        stack = "".join(traceback.format_list(frames[-10:]))
+        self.sync_stacks[stack] = self.sync_stacks.get(stack, 0) + 1
+        return None
+
+    def _sync_debug(self, step: int) -> None:
+        import warnings
+
+        import torch
+
+        if step == self.sync_debug_step:
+            warnings.simplefilter("always")
+            self._showwarning, warnings.showwarning = warnings.showwarning, self._record_sync
+            torch.cuda.set_sync_debug_mode("warn")
+        elif step == self.sync_debug_step + 1 and self._showwarning is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._showwarning
 
     def mark(self, step: int) -> None:
         if step in self.marks:
@@ -251,6 +280,8 @@ class StepClock:
 
             torch.cuda.synchronize()
         self.marks[step] = time.perf_counter()
+        if self.cuda and self.sync_debug_step is not None:
+            self._sync_debug(step)
         if self.profiler is not None and self.profile_after is not None:
             if step == self.profile_after:
                 self.profiler.start()
@@ -435,7 +466,8 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
     profiled = cfg.get("profile_steps", 0) > 0
     clock = StepClock(profile_after=cfg["steps"] if profiled else None,
                       profile_steps=cfg.get("profile_steps", 0),
-                      trace_path=work / f"profile-{provider}" if profiled else None)
+                      trace_path=work / f"profile-{provider}" if profiled else None,
+                      sync_debug_step=cfg.get("sync_debug_step"))
     started = time.perf_counter()
     if provider == "hf":
         result = run_hf(cfg, work, out_dir, clock)
@@ -453,6 +485,7 @@ def run_provider(work: Path, cfg: dict[str, Any], provider: str, out: Path) -> N
         "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1) if cuda else None,
         "process_s": round(time.perf_counter() - started, 1), "profile": clock.profile,
+        "sync_stacks": [{"calls": n, "stack": stack} for stack, n in clock.sync_stacks.items()],
         "device": torch.cuda.get_device_name(0) if cuda else "CPU (dry run)",
         "versions": _versions(), **result}
     out.write_text(json.dumps(record, indent=2))
@@ -515,7 +548,10 @@ def _without_table(profile: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    cfg = settings(args.bench, args.dry_run, args.steps, args.warmup, args.profile)
+    cfg = settings(args.bench, args.dry_run, args.steps, args.warmup,
+                   (args.profile_steps or PROFILE_STEPS) if args.profile else 0)
+    # the step after the warm-up: timed, so its syncs are the timed steps' syncs
+    cfg["sync_debug_step"] = args.warmup + 1 if args.sync_debug else None
     work = args.work / args.bench
     work.mkdir(parents=True, exist_ok=True)
     cfg_file = work / "settings.json"
@@ -564,6 +600,9 @@ def run_bench(args: argparse.Namespace) -> int:
             if record.get("profile"):
                 print(format_summary(f"  profile {provider}", record["profile"]), flush=True)
                 print(record["profile"]["host_ops_by_self_cpu"], flush=True)
+            for sync in record.get("sync_stacks", []):
+                print(f"  sync x{sync['calls']} in one step ({provider}):\n{sync['stack']}",
+                      flush=True)
             if provider in records:  # repeats: pool the steps (each run drops its own warm-up)
                 kept = records[provider]
                 kept["timed_s"] += record["timed_s"]
@@ -686,6 +725,12 @@ def main() -> None:
                         help=f"after the timed steps, run {PROFILE_STEPS} more under "
                              f"torch.profiler: GPU busy/idle, kernel families, top kernels "
                              f"(printed, and under 'profile' in the JSON; traces in WORK)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="record the host stack of each synchronising CUDA call in the "
+                             "first timed step (torch.cuda.set_sync_debug_mode; printed)")
+    parser.add_argument("--profile-steps", type=int, default=None,
+                        help=f"--profile over this many steps (default {PROFILE_STEPS}); the "
+                             f"summary splits them at each optimizer step")
     args = parser.parse_args()
     args.steps = args.steps or (6 if args.dry_run else 18)
     if args.dry_run:

@@ -40,6 +40,9 @@ def test_busy_idle_families_and_gaps_per_step():
         "matmul": 0.5, "attention": 0.5, "optimizer": 0.25, "tunegraph/liger triton": 0.1,
         "copy/cast": 0.03}
     assert summary["top_kernels"][0]["name"] == "sm90_xmma_gemm_bf16bf16_bf16f32"
+    # one step ends at the optimizer; the trailing kernels after it start a piece that has none
+    assert summary["per_step"] == [{"wall_ms": 1.9, "busy_ms": 1.6, "largest_gap_ms": 0.3,
+                                    "gap_after": "_rms_norm_fwd_kernel", "kernels": 3}]
     text = format_summary("s1 tunegraph", summary)
     assert "1.33 busy" in text and "0.3 ms after _rms_norm_fwd_kernel" in text
 

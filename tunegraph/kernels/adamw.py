@@ -83,6 +83,18 @@ def _adamw_kernel(GRADS, PARAMS, MASTERS, EXP_AVGS, EXP_AVG_SQS, NUMELS, BLOCK_T
         tl.store(param_ptr + offs, w.to(P_TYPE), mask=mask)
 
 
+@triton.jit
+def _sq_sum_kernel(GRADS, NUMELS, BLOCK_TENSOR, BLOCK_START, PARTIAL, G_TYPE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # The same tables and blocks as _adamw_kernel: each program's fp32 sum of squares.
+    pid = tl.program_id(0)
+    t = tl.load(BLOCK_TENSOR + pid)
+    offs = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    grad_ptr = tl.load(GRADS + t).to(tl.pointer_type(G_TYPE))
+    g = tl.load(grad_ptr + offs, mask=offs < tl.load(NUMELS + t), other=0.0).to(tl.float32)
+    tl.store(PARTIAL + pid, tl.reduce(g * g, 0, tl.standard._sum_combine))
+
+
 def adamw_reference(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                     exp_avg_sq: torch.Tensor, *, step: int, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float,
@@ -121,7 +133,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                              f"the optimizer's parameters")
         self._coef: torch.Tensor | None = None
         # Address tables on the device: of the parameters and their state, and of gradients.
-        self._tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._tables: dict[tuple, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
         self._grad_tables: dict[tuple, dict] = {}
         self._fresh: set[int] = set()  # working params whose fp32 buffer starts over
         for group in self.param_groups:
@@ -154,18 +166,42 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             return None if id(p) in self._fresh else self.state[p]["grad_fp32"]
         return p.grad
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [g for group in self.param_groups for p in group["params"]
-                if (g := self._grad(p)) is not None]
+    def _batches(self, group: dict) -> dict[tuple[torch.dtype, torch.dtype], list[tuple]]:
+        """A group's (parameter, gradient) pairs by (parameter dtype, gradient dtype): one
+        launch each (the kernels' pointer types)."""
+        batches: dict[tuple[torch.dtype, torch.dtype], list[tuple]] = {}
+        for p in group["params"]:
+            if (grad := self._grad(p)) is not None:
+                batches.setdefault((p.dtype, grad.dtype), []).append((p, grad.contiguous()))
+        return batches
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """The fp32 2-norm of all gradients this step (a device tensor: no host sync)."""
-        grads = self._grads()
-        if not grads:
+        """The fp32 2-norm of all gradients this step (a device tensor: no host sync). On the
+        GPU one launch per batch sums squares over the step's own tables (torch's
+        _foreach_norm with an fp32 result runs one reduction per bf16 tensor)."""
+        squares, grads = [], []
+        for index, group in enumerate(self.param_groups):
+            for (p_dtype, g_dtype), pairs in self._batches(group).items():
+                params, batch = [p for p, _ in pairs], [g for _, g in pairs]
+                if not use_triton(params[0]):
+                    grads += batch
+                    continue
+                slot = (index, p_dtype, g_dtype)
+                tables = self._static_tables(slot, params)
+                grad_table = self._grad_table(slot, batch, params[0].device)
+                partial = torch.empty(tables[5].numel(), dtype=torch.float32,
+                                      device=params[0].device)
+                _sq_sum_kernel[(partial.numel(),)](
+                    grad_table, tables[4], tables[5], tables[6], partial,
+                    G_TYPE=_POINTER[g_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)
+                squares.append(partial.sum())
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+            squares.append(torch.stack(norms).square().sum())
+        if not squares:
             return torch.zeros((), dtype=torch.float32)
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return torch.stack(squares).sum().sqrt() if len(squares) > 1 else squares[0].sqrt()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -206,17 +242,18 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             entry["addresses"] = addresses
         return entry["device"]
 
-    def _static_tables(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _static_tables(self, slot: tuple, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(param, master, exp_avg, exp_avg_sq addresses, numels, block -> tensor, block ->
-        start): fixed while the same parameters step (the state tensors never move)."""
+        start) for one launch (`slot`: its group and dtypes): fixed while the same parameters
+        step (the state tensors never move); rebuilt, not added to, when they change."""
         key = tuple(id(p) for p in params) + tuple(p.data_ptr() for p in params)
-        if key not in self._tables:
+        if self._tables.get(slot, (None,))[0] != key:
             device = params[0].device
             states = [self.state[p] for p in params]
             numels = [p.numel() for p in params]
             block_tensor = [i for i, n in enumerate(numels) for _ in range(cdiv(n, BLOCK))]
             block_start = [b * BLOCK for n in numels for b in range(cdiv(n, BLOCK))]
-            self._tables[key] = (
+            self._tables[slot] = key, (
                 self._table(params, device),
                 self._table([s.get("master", p) for s, p in zip(states, params, strict=True)],
                             device),
@@ -225,7 +262,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 torch.tensor(numels, dtype=torch.int64).to(device),
                 torch.tensor(block_tensor, dtype=torch.int32).to(device),
                 torch.tensor(block_start, dtype=torch.int64).to(device))
-        return self._tables[key]
+        return self._tables[slot][1]
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch.optim's signature)
@@ -238,20 +275,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                        "weight_decay": group["weight_decay"],
                        "step_size": group["lr"] / (1.0 - beta1 ** group["step"]),
                        "bias_correction2_sqrt": math.sqrt(1.0 - beta2 ** group["step"])}
-            # One launch per (param dtype, grad dtype): the kernel's pointer types.
-            batches: dict[tuple[torch.dtype, torch.dtype], list[tuple]] = {}
-            for p in group["params"]:
-                if (grad := self._grad(p)) is not None:
-                    batches.setdefault((p.dtype, grad.dtype), []).append((p, grad))
-            for (p_dtype, g_dtype), pairs in batches.items():
+            for (p_dtype, g_dtype), pairs in self._batches(group).items():
                 params = [p for p, _ in pairs]
-                grads = [g.contiguous() for _, g in pairs]
+                grads = [g for _, g in pairs]
                 if not use_triton(params[0]):
                     self._step_reference(params, grads, group, coef)
                     continue
-                tables = self._static_tables(params)
-                grad_table = self._grad_table((index, p_dtype, g_dtype), grads,
-                                              params[0].device)
+                slot = (index, p_dtype, g_dtype)
+                tables = self._static_tables(slot, params)
+                grad_table = self._grad_table(slot, grads, params[0].device)
                 _adamw_kernel[(tables[5].numel(),)](
                     grad_table, tables[0], tables[1], tables[2], tables[3], tables[4],
                     tables[5], tables[6], coef if coef is not None else tables[4],
