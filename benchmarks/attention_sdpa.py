@@ -93,10 +93,12 @@ def main() -> None:
                     continue
                 err = max(rel(a, b) for a, b in zip(got, ref, strict=True))
                 del got
-                ms = triton.testing.do_bench(lambda: fwd_bwd(q, k, v, dout, gqa, backend),
-                                             warmup=25, rep=200, return_mode="median")
-                fwd_ms = triton.testing.do_bench(lambda: forward(q, k, v, gqa, backend),
-                                                 warmup=25, rep=100, return_mode="median")
+                args = (q, k, v, gqa, backend)
+                ms = triton.testing.do_bench(
+                    lambda a=args, g=dout: fwd_bwd(*a[:3], g, *a[3:]), warmup=25, rep=200,
+                    return_mode="median")
+                fwd_ms = triton.testing.do_bench(lambda a=args: forward(*a), warmup=25, rep=100,
+                                                 return_mode="median")
                 rows.append({"shape": label, "gqa": gqa, "backend": name, "ms": round(ms, 3),
                              "fwd_ms": round(fwd_ms, 3), "tflops": round(flops / ms / 1e9, 1),
                              "max_rel_err_vs_fp32": float(f"{err:.3g}")})
