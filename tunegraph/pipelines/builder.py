@@ -1,14 +1,13 @@
 """Build Dagster Definitions from recipes: one asset group per recipe, shared base models.
 
-The recipe folder is `$TUNEGRAPH_RECIPES`, else `./recipes` if it exists, else `./examples`.
-An invalid recipe fails the code location with the recipe's error: nothing is silently dropped.
+The recipes come from tunegraph.pipelines.recipes (`$TUNEGRAPH_RECIPES`, else `./recipes` if it
+exists, else `./examples`). An invalid recipe fails the code location with the recipe's error:
+nothing is silently dropped.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from dagster import AssetChecksDefinition, AssetsDefinition, Definitions
 
@@ -20,31 +19,8 @@ from tunegraph.assets import (
     report_assets,
 )
 from tunegraph.assets.raw_data import raw_data_asset
-from tunegraph.config import Recipe, load_recipe
+from tunegraph.config import Recipe
 from tunegraph.resources import ArtifactIOManager, ArtifactStoreResource, LauncherResource
-
-RECIPE_SUFFIXES = (".yaml", ".yml")
-
-
-def recipes_dir() -> Path:
-    if env := os.environ.get("TUNEGRAPH_RECIPES"):
-        return Path(env)
-    return Path("recipes") if Path("recipes").is_dir() else Path("examples")
-
-
-def discover_recipes(folder: Path) -> list[Recipe]:
-    """Every recipe file directly in `folder` (sub-folders hold data, DeepSpeed JSON, ...)."""
-    if not folder.is_dir():
-        raise ValueError(f"recipe folder {folder} does not exist (set TUNEGRAPH_RECIPES)")
-    paths = sorted(p for p in folder.iterdir() if p.suffix in RECIPE_SUFFIXES)
-    recipes = [load_recipe(p) for p in paths]
-    names: dict[str, Path] = {}
-    for recipe, path in zip(recipes, paths, strict=True):
-        if recipe.name in names:
-            raise ValueError(f"{path} and {names[recipe.name]} give the same recipe name "
-                             f"'{recipe.name}': rename one")
-        names[recipe.name] = path
-    return recipes
 
 
 def assets_for(recipes: Iterable[Recipe]) -> list[AssetsDefinition]:

@@ -4,6 +4,7 @@
     tunegraph dev --recipes examples                       # the same, on the embedded instance
 """
 
-from tunegraph.pipelines.builder import build_definitions, discover_recipes, recipes_dir
+from tunegraph.pipelines.builder import build_definitions
+from tunegraph.pipelines.recipes import discover_recipes, recipes_dir
 
 defs = build_definitions(discover_recipes(recipes_dir()))
