@@ -20,6 +20,9 @@ import yaml
 from tests_support import EXAMPLES
 
 STARTUP_TIMEOUT_S = 300
+# How often the waits below ask again: a GraphQL query costs the webserver milliseconds, while a
+# coarser poll adds half its interval, on average, to every wait.
+POLL_S = 1
 # Backfill statuses after which the daemon launches nothing more (Dagster's BulkActionStatus).
 BACKFILL_DONE = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
 
@@ -77,7 +80,7 @@ def dev_server(workdir: Path, recipes: Path, extra_args: tuple[str, ...] = ()) -
                 except (requests.RequestException, AssertionError):
                     if time.monotonic() > deadline:
                         raise TimeoutError(log_path.read_text()[-3000:]) from None
-                    time.sleep(2)
+                    time.sleep(POLL_S)
             yield port
         finally:
             os.killpg(process.pid, signal.SIGTERM)
@@ -96,7 +99,7 @@ def wait_for_run(port: int, run_id: str, timeout_s: float = 600) -> str:
                          {"id": run_id})["runOrError"]["status"]
         if status in ("SUCCESS", "FAILURE", "CANCELED"):
             return status
-        time.sleep(2)
+        time.sleep(POLL_S)
     raise TimeoutError(f"run {run_id} still {status} after {timeout_s} s")
 
 
@@ -120,12 +123,21 @@ def repository_selector(port: int) -> dict[str, str]:
             "repositoryName": repos[0]["name"]}
 
 
-def launch_assets(port: int, asset_paths: list[list[str]], partition: str | None = None) -> str:
+# Run config for Dagster's in-process executor: the run's steps execute one after another in the
+# run's own process. The default (multiprocess) executor spawns an interpreter per step, which
+# imports tunegraph.pipelines.definitions (torch, transformers) again: 15-20 s on a 2-core machine
+# for steps that then take about a second. Runs the daemon launches (backfills), and runs launched
+# without this config (tests/pipelines/test_dev.py), keep the default executor.
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+
+
+def launch_assets(port: int, asset_paths: list[list[str]], partition: str | None = None,
+                  run_config: dict | None = None) -> str:
     """Launch a run materializing the given assets (one partition of them, if given), as the UI's
-    Materialize button does."""
+    Materialize button does (with `run_config`, as its launchpad does with that config)."""
     params = {"selector": {**repository_selector(port), "jobName": "__ASSET_JOB",
                            "assetSelection": [{"path": p} for p in asset_paths]},
-              "runConfigData": {}}
+              "runConfigData": run_config or {}}
     if partition:
         params["executionMetadata"] = {"tags": [{"key": "dagster/partition", "value": partition}]}
     launched = graphql(port, LAUNCH, {"params": params})["launchRun"]
@@ -205,7 +217,7 @@ def wait_for_backfill(port: int, backfill_id: str, timeout_s: float = 900) -> di
         if state["status"] in BACKFILL_DONE and all(
                 r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in state["runs"]):
             return state
-        time.sleep(3)
+        time.sleep(POLL_S)
     raise TimeoutError(f"backfill {backfill_id} still {state and state['status']} after "
                        f"{timeout_s} s: {state}")
 

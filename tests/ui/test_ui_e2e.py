@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from dagster_server import (
+    IN_PROCESS,
     automations,
     dev_server,
     graphql,
@@ -56,10 +57,14 @@ def _shoot(page, url: str, wait_text: str, path: Path) -> str:
     return page.inner_text("body")
 
 
-def _dismiss_newsletter(page) -> None:
-    """Dagster's first visit opens a newsletter box over the page; its Skip button closes it."""
+def _dismiss_newsletter(page, port: int) -> None:
+    """Dagster's first visit opens a newsletter box over the page; its Skip button closes it.
+    Skipping is kept in the instance (the UI's own query says whether the box will open), so a
+    later browser needs no waiting for a box that will not come."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    if not graphql(port, "{ shouldShowNux }")["shouldShowNux"]:
+        return
     skip = page.get_by_role("button", name="Skip").first
     try:
         skip.wait_for(timeout=20_000)
@@ -68,11 +73,11 @@ def _dismiss_newsletter(page) -> None:
     skip.click()
 
 
-def _new_page(playwright, base: str):
+def _new_page(playwright, port: int):
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(base)
-    _dismiss_newsletter(page)
+    page.goto(f"http://127.0.0.1:{port}")
+    _dismiss_newsletter(page, port)
     return browser, page
 
 
@@ -83,7 +88,7 @@ def _browse_automation(port: int, shots: Path) -> None:
 
     base = f"http://127.0.0.1:{port}"
     with sync_playwright() as playwright:
-        browser, page = _new_page(playwright, base)
+        browser, page = _new_page(playwright, port)
         automation = _shoot(page, f"{base}/automation", "quickstart_schedule",
                             shots / "automation.png")
         for name in AUTOMATIONS:
@@ -97,7 +102,7 @@ def _browse(port: int, backfill_id: str, shots: Path) -> None:
 
     base = f"http://127.0.0.1:{port}"
     with sync_playwright() as playwright:
-        browser, page = _new_page(playwright, base)
+        browser, page = _new_page(playwright, port)
         graph = _shoot(page, f"{base}/locations/{LOCATION}/asset-groups/quickstart",
                        "merged_model", shots / "asset-graph.png")
         for name in ("tokenized_dataset", "adapter", "merged_model", "eval_scores", "eval_report"):
@@ -166,10 +171,13 @@ def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
         stop_schedule(port, "quickstart_schedule")
         nodes = graphql(port, "{ assetNodes { assetKey { path } isExecutable isPartitioned } }")
         # The unpartitioned stages in one run: training registers the checkpoint partitions.
+        # Its eight steps run in the run's process (IN_PROCESS): a process per step would import
+        # torch eight times. The backfill's runs below keep Dagster's default executor.
         keys = [n["assetKey"]["path"] for n in nodes["assetNodes"]
                 if n["isExecutable"] and not n["isPartitioned"]
                 and n["assetKey"]["path"][-1] != "eval_report"]
-        assert wait_for_run(port, launch_assets(port, keys)) == "SUCCESS", _log(tmp_path)
+        run_id = launch_assets(port, keys, run_config=IN_PROCESS)
+        assert wait_for_run(port, run_id) == "SUCCESS", _log(tmp_path)
 
         # What Materialize... on eval_scores with All partitions starts (_browse shows the
         # dialog): a backfill over every checkpoint, one run per partition, by the daemon.
@@ -185,7 +193,7 @@ def test_ui_shows_the_quickstart_graph_backfill_and_report(tmp_path: Path):
         assert partitions == sorted(CHECKPOINTS)
         assert {run["status"] for run in backfill["runs"]} == {"SUCCESS"}
 
-        report_run = launch_assets(port, [["quickstart", "eval_report"]])
+        report_run = launch_assets(port, [["quickstart", "eval_report"]], run_config=IN_PROCESS)
         assert wait_for_run(port, report_run) == "SUCCESS", _log(tmp_path)
 
         _browse(port, backfill_id, shots)
