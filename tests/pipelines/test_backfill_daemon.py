@@ -17,6 +17,7 @@ from recipes_support import write_tiny_recipe
 from tunegraph.cli import main
 from tunegraph.pipelines import embedded_instance
 from tunegraph.pipelines.checkpoint_sensor import SENSOR_NAME
+from tunegraph.pipelines.instance import GPU_POOL, GPU_POOL_LIMIT_ENV
 
 EVAL_SCORES = AssetKey(["tiny", "eval_scores"])
 EVAL_REPORT = AssetKey(["tiny", "eval_report"])
@@ -36,8 +37,11 @@ def test_daemon_runs_a_submitted_eval_backfill(tmp_path: Path, monkeypatch):
     recipe = str(write_tiny_recipe(recipes, save_steps=4))
     home = tmp_path / ".tunegraph"  # dev_server's instance, which the CLI here uses too
     monkeypatch.setenv("TUNEGRAPH_HOME", str(home))
+    monkeypatch.delenv(GPU_POOL_LIMIT_ENV, raising=False)  # it would replace the limit below
     monkeypatch.chdir(tmp_path)
-    with dev_server(tmp_path, recipes) as port:
+    # Two GPU slots, so the daemon launches both checkpoints' eval runs at once rather than the
+    # second when the first's eval step ends (a spawned step imports torch: ~15 s each).
+    with dev_server(tmp_path, recipes, ("--gpu-pool-limit", "2")) as port:
         # Off before training, so that the runs that evaluate the checkpoints are the backfill's.
         stop_sensor(port, SENSOR_NAME)
         _cli("train", recipe)
@@ -50,6 +54,7 @@ def test_daemon_runs_a_submitted_eval_backfill(tmp_path: Path, monkeypatch):
                                                          .read_text()[-3000:])
 
     with embedded_instance(home) as instance:
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).limit == 2
         checkpoints = instance.get_dynamic_partitions("tiny__checkpoints")
         assert checkpoints == ["tiny__step-000004", "tiny__final"]
         backfill_runs = {r.run_id: r for r in instance.get_runs(
