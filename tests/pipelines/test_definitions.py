@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,16 +73,40 @@ def test_recipe_names_must_be_distinct(tmp_path: Path):
     assert load_recipe(tmp_path / "a-b.yaml").name == "a_b"
 
 
-@pytest.mark.parametrize("command", [
+COMMANDS = [
     [sys.executable, "-m", "dagster", "definitions", "validate", "-m",
      "tunegraph.pipelines.definitions"],
     [str(Path(sys.executable).parent / "dg"), "list", "defs", "--json"],
-])
-def test_dagster_and_dg_load_the_definitions(command, tmp_path: Path):
-    env = dict(os.environ, TUNEGRAPH_RECIPES=str(EXAMPLES), DAGSTER_HOME=str(tmp_path))
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+]
+
+
+@pytest.fixture(scope="module")
+def loading(tmp_path_factory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """Both commands, started together: each spends ~20 s of one core importing torch and
+    transformers with the definitions, and the machine has two. {command: (process, folder
+    holding its stdout and stderr)}."""
+    started = {}
+    for command in COMMANDS:
+        folder = tmp_path_factory.mktemp("load")
+        (folder / "dagster_home").mkdir()
+        env = dict(os.environ, TUNEGRAPH_RECIPES=str(EXAMPLES),
+                   DAGSTER_HOME=str(folder / "dagster_home"))
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            started[" ".join(command)] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+                                                           stderr=err), folder)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_dagster_and_dg_load_the_definitions(command, loading):
+    process, folder = loading[" ".join(command)]
+    returncode = process.wait(timeout=300)
+    assert returncode == 0, (folder / "stderr").read_text()[-3000:]
     if "--json" in command:
-        keys = {a["asset_key"] for a in json.loads(done.stdout)["assets"]}
+        keys = {a["asset_key"] for a in json.loads((folder / "stdout").read_text())["assets"]}
         assert {"quickstart/eval_scores", "quickstart/checkpoints", "quickstart/eval_report",
                 "reports/eval_report"} <= keys
