@@ -117,10 +117,9 @@ NUM_LOSSES = 5  # first logged losses kept per provider
 PROFILE_STEPS = 2  # --profile: steps profiled after the timed ones (not timed themselves)
 
 
-def settings(bench: str, dry_run: bool, steps: int, warmup: int, profile: bool | int = False
+def settings(bench: str, dry_run: bool, steps: int, warmup: int, profile_steps: int = 0
              ) -> dict[str, Any]:
-    """`profile`: profile that many steps after the timed ones (True: PROFILE_STEPS)."""
-    profile_steps = PROFILE_STEPS if profile is True else int(profile)
+    """`profile_steps`: steps profiled after the timed ones (0: none)."""
     spec = BENCHES[bench]
     shape = dict(spec["shape"])
     if dry_run:  # the plumbing on a CPU: tiny model, fp32, short rows

@@ -87,6 +87,7 @@ def _adamw_kernel(GRADS, PARAMS, MASTERS, EXP_AVGS, EXP_AVG_SQS, NUMELS, BLOCK_T
 def _sq_sum_kernel(GRADS, NUMELS, BLOCK_TENSOR, BLOCK_START, PARTIAL, G_TYPE: tl.constexpr,
                    BLOCK: tl.constexpr):
     # The same tables and blocks as _adamw_kernel: each program's fp32 sum of squares.
+    # tl.reduce with _sum_combine, not tl.sum: the interpreter's reason in rms_norm._row_sum.
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid)
     offs = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK).to(tl.int64)
@@ -201,7 +202,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             squares.append(torch.stack(norms).square().sum())
         if not squares:
             return torch.zeros((), dtype=torch.float32)
-        return torch.stack(squares).sum().sqrt() if len(squares) > 1 else squares[0].sqrt()
+        return torch.stack(squares).sum().sqrt()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

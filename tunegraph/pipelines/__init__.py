@@ -1,7 +1,7 @@
 """Definitions built from a folder of recipes, and the embedded Dagster instance.
 
 The names below are imported on first use. The builder imports the assets, and with them torch and
-transformers (15 s on a 2-core machine), which `tunegraph dev` does not need: it reads the recipes
+transformers (many seconds of imports), which `tunegraph dev` does not need: it reads the recipes
 and the instance, then hands over to `dagster dev`, whose code server imports the definitions.
 """
 
