@@ -100,11 +100,13 @@ PEERS = ["hf", "trl", "trl-liger", "trl-liger-compile"]
 # tunegraph-compile / tunegraph-compile-ro (on request): tunegraph's recipe with torch_compile:
 # true, default mode / reduce-overhead (CUDA graphs): diagnostic rows, neither a peer nor the
 # tunegraph row.
+# tunegraph-graphs (on request): tunegraph's recipe with its decoder layers replayed as CUDA
+# graphs (benchmarks/_graphed_layers.py): a diagnostic row, not a recipe key.
 # tunegraph-fp32-weights (S1, on request): tunegraph's recipe without
 # kernels.adamw_master_weights (fp32 weights under autocast, as the peers train): what the
 # master-weights optimizer adds.
 PROVIDERS = PEERS + ["tunegraph", "tunegraph-nolora", "tunegraph-chunk1024", "tunegraph-compile",
-                     "tunegraph-compile-ro", "tunegraph-fp32-weights"]
+                     "tunegraph-compile-ro", "tunegraph-fp32-weights", "tunegraph-graphs"]
 KERNEL_KEYS = ["liger_rms_norm", "liger_glu_activation", "liger_rope",
                "liger_fused_linear_cross_entropy"]
 LORA_KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"]
@@ -400,7 +402,8 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
 
         flce._MIN_CHUNK_TOKENS = 1024
     recipe = load_recipe(write_recipe(
-        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024"),
+        work, cfg, name, lora_kernels=name in ("tunegraph", "tunegraph-chunk1024",
+                                               "tunegraph-graphs"),
         compile_mode={"tunegraph-compile": "default",
                       "tunegraph-compile-ro": "reduce-overhead"}.get(name)))
     lora_on = recipe.kernel_options().lora_on
@@ -412,6 +415,8 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
                                "apply_lora_kernels yet: the LoRA kernels can not be applied")
         functions["apply_lora_kernels"] = kernels.apply_lora_kernels
     calls = _spy_on(functions)
+    if name == "tunegraph-graphs":
+        _graph_layers_after_prepare_model()
     metrics = train(recipe, work / "model", work / "tokenized", out_dir, clock.progress)
     lora_applied = any(name == "apply_lora_kernels" or (
         isinstance(result, dict) and any(str(op).startswith("lora") for op in result))
@@ -423,6 +428,23 @@ def run_tunegraph(cfg: dict[str, Any], work: Path, out_dir: Path, clock: StepClo
     history = json.loads((out_dir / "log.json").read_text())["history"]
     return {"history": history, "trainable_parameters": metrics["trainable_parameters"],
             "kernels_patched": [[name, _jsonable(result)] for name, result in calls]}
+
+
+def _graph_layers_after_prepare_model() -> None:
+    """tunegraph-graphs: train()'s prepare_model, then the decoder layers routed through
+    benchmarks/_graphed_layers.py (this provider's process only)."""
+    from _graphed_layers import graph_decoder_layers
+
+    import tunegraph.ops.train as train_module
+
+    prepare_model = train_module.prepare_model
+
+    def prepare_and_graph(*args: Any, **kwargs: Any) -> Any:
+        model, tokenizer = prepare_model(*args, **kwargs)
+        graph_decoder_layers(model, "tunegraph-graphs")
+        return model, tokenizer
+
+    train_module.prepare_model = prepare_and_graph
 
 
 def _spy_on(functions: dict[str, Any]) -> list[tuple[str, Any]]:

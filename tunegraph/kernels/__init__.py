@@ -116,6 +116,17 @@ def warps_for(block_size: int) -> int:
     return 4
 
 
+@triton.jit
+def row_sum(x, axis: tl.constexpr):
+    """tl.sum for kernels. tl.sum is this reduce inside a @jit wrapper of
+    triton.language.standard. Under pytest, torch._dynamo imports triton before
+    TRITON_INTERPRET is set, and the interpreter cannot call standard-library functions jitted
+    then. With _sum_combine as the combine function the interpreter also takes its numpy fast
+    path (any other combine function runs per element in Python: 100x slower). Same reduction,
+    same code on a GPU."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when `t`'s elements fill its memory span once: a permutation of a contiguous layout.
     False for expanded tensors (a `.sum()`'s gradient has stride 0) and for gapped slices."""

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from tunegraph.kernels import cdiv, tl, triton, use_triton
+from tunegraph.kernels import cdiv, row_sum, tl, triton, use_triton
 
 # Elements per program: each program updates one block of one tensor. Measured on an H200 over
 # S1's 1.236e9 parameters (benchmarks/adamw_master.py): 512 x 4 warps 10.4 ms (3.55 TB/s of
@@ -87,13 +87,12 @@ def _adamw_kernel(GRADS, PARAMS, MASTERS, EXP_AVGS, EXP_AVG_SQS, NUMELS, BLOCK_T
 def _sq_sum_kernel(GRADS, NUMELS, BLOCK_TENSOR, BLOCK_START, PARTIAL, G_TYPE: tl.constexpr,
                    BLOCK: tl.constexpr):
     # The same tables and blocks as _adamw_kernel: each program's fp32 sum of squares.
-    # tl.reduce with _sum_combine, not tl.sum: the interpreter's reason in rms_norm._row_sum.
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid)
     offs = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK).to(tl.int64)
     grad_ptr = tl.load(GRADS + t).to(tl.pointer_type(G_TYPE))
     g = tl.load(grad_ptr + offs, mask=offs < tl.load(NUMELS + t), other=0.0).to(tl.float32)
-    tl.store(PARTIAL + pid, tl.reduce(g * g, 0, tl.standard._sum_combine))
+    tl.store(PARTIAL + pid, row_sum(g * g, 0))
 
 
 def adamw_reference(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

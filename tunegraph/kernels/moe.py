@@ -56,7 +56,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunegraph.kernels import cdiv, is_dense, next_power_of_2, tl, triton, use_triton
+from tunegraph.kernels import (
+    cdiv,
+    is_dense,
+    next_power_of_2,
+    row_sum,
+    tl,
+    triton,
+    use_triton,
+)
 
 # Tiles for the Triton interpreter (CPU tests): small enough that the tests' odd sizes span
 # several row and column tiles (masked edges, per-column-block partial sums), large enough to
@@ -74,12 +82,6 @@ LoRA = tuple[torch.Tensor, torch.Tensor, float]  # (A [E, r, in], B [E, out, r],
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _row_sum(x):
-    # tl.sum without its @jit wrapper (see rms_norm._row_sum: the interpreter under pytest).
-    return tl.reduce(x, 1, tl.standard._sum_combine)
-
-
 @triton.jit
 def _silu_parts(gate):
     """(silu(gate), silu'(gate)) in fp32."""
@@ -335,7 +337,7 @@ def _moe_down_bwd_kernel(
         act = (silu * up).to(dtype).to(tl.float32)  # the forward's act, as rounded there
         # d w[t,k] = dy[t] . out[t,k] = (dy[t] @ W_down[e]) . act = g . act: partial over
         # this column block, summed over blocks on the host (deterministic, no atomics).
-        tl.store(DW_PART + pid_n * num_rows + slots, _row_sum(acc * act), mask=row_mask)
+        tl.store(DW_PART + pid_n * num_rows + slots, row_sum(acc * act, 1), mask=row_mask)
         d_act = acc * weight[:, None]
         d_gate = d_act * up * dsilu
         d_up = d_act * silu

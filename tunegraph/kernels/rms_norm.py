@@ -27,6 +27,7 @@ from tunegraph.kernels import (
     cdiv,
     next_power_of_2,
     num_programs_for_reduction,
+    row_sum,
     tl,
     triton,
     use_triton,
@@ -39,16 +40,6 @@ MAX_HIDDEN = 65536
 
 
 @triton.jit
-def _row_sum(x, axis: tl.constexpr):
-    # tl.sum is this reduce inside a @jit wrapper of triton.language.standard. Under pytest,
-    # torch._dynamo imports triton before TRITON_INTERPRET is set, and the interpreter cannot
-    # call standard-library functions jitted then. With _sum_combine as the combine function
-    # the interpreter also takes its numpy fast path (any other combine function runs per
-    # element in Python: 100x slower). Same reduction, same code on a GPU.
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, num_rows, num_cols, eps,
                          GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -56,7 +47,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, num_rows, num_cols, 
     mask = (rows < num_rows) & (cols < num_cols)
     x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(_row_sum(x * x, 1) / num_cols + eps)[:, None]
+    rstd = tl.rsqrt(row_sum(x * x, 1) / num_cols + eps)[:, None]
     xhat = x * rstd
     if GEMMA:
         y = xhat * (1.0 + w)
@@ -76,7 +67,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     col_mask = cols < num_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     scale = 1.0 + w if GEMMA else w
-    dw = tl.full([BLOCK_M, BLOCK], 0.0, tl.float32)  # not tl.zeros: see _row_sum
+    dw = tl.full([BLOCK_M, BLOCK], 0.0, tl.float32)  # not tl.zeros: see row_sum
     # int64 bounds make the row indices int64 (row * stride may pass 2^31).
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, num_rows)
@@ -92,10 +83,10 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
         else:
             dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
         g = dy * scale
-        dx = (g - xhat * (_row_sum(g * xhat, 1)[:, None] / num_cols)) * rstd
+        dx = (g - xhat * (row_sum(g * xhat, 1)[:, None] / num_cols)) * rstd
         # Written after the whole rows were read: DX may be DY (in-place backward).
         tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * num_cols + cols, _row_sum(dw, 0)[None, :], mask=col_mask)
+    tl.store(DW_PARTIAL + pid * num_cols + cols, row_sum(dw, 0)[None, :], mask=col_mask)
 
 
 @functools.lru_cache(maxsize=64)

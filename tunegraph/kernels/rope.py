@@ -93,7 +93,7 @@ def _rope_tokens(Q, K, COS, SIN, QO, KO, seq_len,
                  BLOCK_HALF: tl.constexpr):
     """BLOCK_T tokens of one sequence: their cos/sin rows are loaded once for all heads."""
     pid = tl.program_id(0)
-    blocks_per_seq = (seq_len + BLOCK_T - 1) // BLOCK_T  # not tl.cdiv: see rms_norm._row_sum
+    blocks_per_seq = (seq_len + BLOCK_T - 1) // BLOCK_T  # not tl.cdiv: see tunegraph.kernels.row_sum
     b = (pid // blocks_per_seq).to(tl.int64)
     if BLOCK_T == 1:  # one token of many heads (7B-size attention): 2-d tiles
         t = (pid % blocks_per_seq).to(tl.int64)
