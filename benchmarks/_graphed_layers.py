@@ -27,9 +27,11 @@ another shape than the captured ones, or a forward whose backward is still to co
 that arrives after a later graphed forward raises RuntimeError.
 
 Why it is not a recipe key (measured on an H200, 2026-11-30; tests/benchmarks/
-test_graphed_layers.py has the cases that pass): capture failed for HF's own layers over fp32
-weights under autocast when an earlier micro-batch's gradients existed ("operation would make
-the legacy stream depend on a capturing blocking stream"), and gradients came out wrong (NaN)
+test_graphed_layers.py has the cases that pass): capture failed for HF's own layers (no
+tunegraph kernels) over fp32 weights under autocast, two micro-batches a step in a plain loop
+("operation would make the legacy stream depend on a capturing blocking stream"; making the
+static inputs on the capture stream and keeping earlier gradients out of the capture did not
+change it), and gradients came out wrong (NaN)
 with two forwards before one backward and with gradient accumulation through
 MasterWeightAdamW's post-accumulate-grad hooks. Not analysed further: the gain it measured
 (S1 outcome 6) does not move any pass line.
