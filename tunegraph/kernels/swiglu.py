@@ -30,8 +30,8 @@ NUM_WARPS = 8
 
 @triton.jit
 def _sigmoid(x):
-    # tl.sigmoid's formula, without triton.language.standard's @jit wrapper (see rms_norm.py's
-    # row_sum: the interpreter cannot call it when triton was imported first).
+    # tl.sigmoid's formula, without triton.language.standard's @jit wrapper (see
+    # tunegraph.kernels.row_sum: the interpreter cannot call it when triton was imported first).
     return 1.0 / (1.0 + tl.exp(-x))
 
 
